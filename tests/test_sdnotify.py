@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from effectd.daemon.sdnotify import STATUS_MIN_INTERVAL, SystemdNotifier
+from effectd.daemon.sdnotify import RETRY_INTERVAL, STATUS_MIN_INTERVAL, SystemdNotifier
 
 
 class FakeSystemd:
@@ -334,18 +334,40 @@ def test_send_failure_abstract_receiver_gone(abstract_systemd: FakeSystemd) -> N
 
 
 def test_failed_sends_are_retried_by_tick(systemd: FakeSystemd) -> None:
-    notifier = notifier_for(systemd, WATCHDOG_USEC="2000000")
+    notifier = notifier_for(systemd, WATCHDOG_USEC="10000000")
     systemd.close()
-    notifier.status("pending", now=0.0)
-    notifier.tick(now=0.0)
+    notifier.status("pending", now=0.0)  # fails: held for a retry
+    notifier.tick(now=0.0)  # the ping fails too
+    assert notifier.seconds_until_due(now=0.0) == RETRY_INTERVAL  # no busy loop meanwhile
     # systemd comes back at the same address (as after `systemctl daemon-reexec`).
     revived = FakeSystemd(systemd.address, systemd.env_value)
     try:
-        notifier.tick(now=0.1)
+        notifier.tick(now=0.5)
+        revived.assert_silent()  # not retried before RETRY_INTERVAL
+        notifier.tick(now=RETRY_INTERVAL)
         assert revived.recv() == {"WATCHDOG": "1"}
         assert revived.recv() == {"STATUS": "pending"}
+        # Back to the normal cadence: next ping one watchdog interval after the success.
+        assert notifier.seconds_until_due(now=RETRY_INTERVAL) == 5.0
     finally:
         revived.close()
+
+
+def test_seconds_until_due_bounds_the_loop_timeout(systemd: FakeSystemd) -> None:
+    assert notifier_for(systemd).seconds_until_due(now=0.0) is None  # nothing to do, ever
+    notifier = notifier_for(systemd, WATCHDOG_USEC="30000000")
+    assert notifier.seconds_until_due(now=100.0) == 0.0  # first ping is due at once
+    notifier.tick(now=100.0)
+    systemd.recv()
+    assert notifier.seconds_until_due(now=104.0) == 11.0
+    notifier.status("a", now=104.0)
+    systemd.recv()
+    notifier.status("b", now=104.25)  # held until 105.0
+    assert notifier.seconds_until_due(now=104.5) == 0.5
+    notifier.tick(now=105.0)
+    assert systemd.recv() == {"STATUS": "b"}
+    assert notifier.seconds_until_due(now=105.0) == 10.0
+    assert notifier.seconds_until_due(now=200.0) == 0.0  # overdue: never negative
 
 
 def test_own_socket_closed_under_us_does_not_raise(systemd: FakeSystemd) -> None:

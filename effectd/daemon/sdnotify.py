@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 
-__all__ = ["NOTIFY_ENV_VARS", "STATUS_MIN_INTERVAL", "SystemdNotifier"]
+__all__ = ["NOTIFY_ENV_VARS", "RETRY_INTERVAL", "STATUS_MIN_INTERVAL", "SystemdNotifier"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,10 @@ NOTIFY_ENV_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 STATUS_MIN_INTERVAL = 1.0
 """Seconds between two ``STATUS=`` sends; later changes are held and sent by ``tick()``."""
+
+RETRY_INTERVAL = 1.0
+"""Seconds before ``tick()`` retries a watchdog ping or status whose send failed (at most the
+watchdog interval), so a broken socket neither spins the main loop nor floods the debug log."""
 
 
 def _socket_address(value: str) -> str | None:
@@ -119,9 +123,10 @@ class SystemdNotifier:
         self._clock = clock
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
-        self._last_ping: float | None = None
+        # Times are monotonic seconds; None means "at the first opportunity".
+        self._next_ping: float | None = None
         self._status_sent: str | None = None
-        self._status_sent_at: float | None = None
+        self._next_status: float | None = None
         self._status_pending: str | None = None
 
     @classmethod
@@ -203,8 +208,8 @@ class SystemdNotifier:
             return
         with self._lock:
             t = self._now(now)
-            if self._watchdog_due(t) and self._send(["WATCHDOG=1"]):
-                self._last_ping = t
+            if self._watchdog_due(t):
+                self._ping(t)
             pending = self._status_pending
             if pending is not None and self._status_due(t) and self._send_status(pending, t):
                 self._status_pending = None
@@ -217,8 +222,26 @@ class SystemdNotifier:
         if not self.enabled or self.watchdog_interval is None:
             return
         with self._lock:
-            if self._send(["WATCHDOG=1"]):
-                self._last_ping = self._now(now)
+            self._ping(self._now(now))
+
+    def seconds_until_due(self, now: float | None = None) -> float | None:
+        """How long the main loop may block before :meth:`tick` has work; None: indefinitely.
+
+        Use it to bound the loop's poll timeout (``min(own_timeout, this)``): an idle daemon
+        blocked in poll for longer than the watchdog interval would be killed by systemd.
+        """
+        if not self.enabled:
+            return None
+        with self._lock:
+            t = self._now(now)
+            deadlines: list[float] = []
+            if self.watchdog_interval is not None:
+                deadlines.append(t if self._next_ping is None else self._next_ping)
+            if self._status_pending is not None:
+                deadlines.append(t if self._next_status is None else self._next_status)
+            if not deadlines:
+                return None
+            return max(0.0, min(deadlines) - t)
 
     def stopping(self, status: str | None = None, *, now: float | None = None) -> None:
         """``STOPPING=1`` (and ``STATUS=``, not rate-limited): the drain has begun."""
@@ -274,24 +297,33 @@ class SystemdNotifier:
         return self._clock() if now is None else now
 
     def _watchdog_due(self, t: float) -> bool:
+        if self.watchdog_interval is None:
+            return False
+        return self._next_ping is None or t >= self._next_ping
+
+    def _ping(self, t: float) -> None:
         interval = self.watchdog_interval
         if interval is None:
-            return False
-        return self._last_ping is None or t - self._last_ping >= interval
+            return
+        if self._send(["WATCHDOG=1"]):
+            self._next_ping = t + interval
+        else:
+            self._next_ping = t + min(interval, RETRY_INTERVAL)
 
     def _status_due(self, t: float) -> bool:
-        return self._status_sent_at is None or t - self._status_sent_at >= STATUS_MIN_INTERVAL
+        return self._next_status is None or t >= self._next_status
 
     def _mark_status_sent(self, text: str, t: float) -> None:
         self._status_sent = text
-        self._status_sent_at = t
+        self._next_status = t + STATUS_MIN_INTERVAL
 
     def _send_status(self, text: str, t: float) -> bool:
         if self._send(["STATUS=" + _one_line(text)]):
             self._mark_status_sent(text, t)
             return True
-        # Not sent: keep it so the next tick() retries.
+        # Not sent: keep it for a later tick(), not before the retry interval.
         self._status_pending = text
+        self._next_status = t + RETRY_INTERVAL
         return False
 
     def _send(self, fields: list[str]) -> bool:
