@@ -16,11 +16,13 @@ What the daemon gets from it:
   timer thread is the point: if the loop wedges (deadlock, a blocking call, a busy loop), the
   pings stop and systemd aborts and restarts the daemon; a thread would keep a dead daemon
   looking alive.
+* ``seconds_until_due()`` to bound the loop's poll timeout, so an idle loop still wakes up
+  in time to ping,
 * ``stopping()`` when the drain starts, ``extend_timeout()`` during a long start or drain.
 
 Sending never raises: a notification is advisory and a broken, full or vanished socket must
 not take the daemon down. Failures are logged at debug level and the daemon carries on (a failed
-watchdog ping or status is retried by the next ``tick()``).
+watchdog ping or status is retried by a ``tick()`` at least ``RETRY_INTERVAL`` later).
 
 Children must not inherit ``NOTIFY_SOCKET``/``WATCHDOG_*``: an effect that happens to speak
 sd_notify (or a nested effectd) would otherwise report to the daemon's unit. Start workers and
