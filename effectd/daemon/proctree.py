@@ -383,6 +383,13 @@ def _in_group_of(pid: int, leader: int) -> bool:
         return False
 
 
+def _pgid_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
 def _leader_of(root: ProcessIdentity) -> int | None:
     """``root.pid`` if the (verified) root leads its own session or process group."""
     try:
@@ -655,13 +662,19 @@ class TreeKill:
                 is_pg = os.getpgid(self._leader) == self._leader
             except OSError:
                 is_pg = False
+            # The group signal also reaches members that joined since the scan;
+            # members already scanned must not get a second SIGTERM (many
+            # programs treat a repeated SIGTERM as "exit now").
             if (
                 is_pg
                 and self.root is not None
                 and self.root.matches(_create_time_of(self.root.pid))
+                and _killpg(self._leader, signal.SIGTERM)
             ):
-                _killpg(self._leader, signal.SIGTERM)
                 _killpg(self._leader, signal.SIGCONT)
+                for ident in idents:
+                    if _pgid_of(ident.pid) == self._leader:
+                        self._termed.add(ident)
         self._term(idents)
 
     def poll(self, now: float | None = None) -> bool:
