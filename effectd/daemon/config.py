@@ -1,0 +1,46 @@
+"""Daemon settings and their documented defaults (see README "Limits and defaults")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from effectd.daemon.output import DEFAULT_MAX_OUTPUT_BYTES
+from effectd.daemon.worker import DEFAULT_ORPHAN_TIMEOUT, HEARTBEAT_INTERVAL
+
+
+@dataclass
+class DaemonConfig:
+    runtime_dir: Path
+    state_dir: Path
+    parallel: int = 8
+    """Effects running at once, whatever the CPU count (most effects wait on I/O or children)."""
+    min_workers: int = 1
+    """Workers kept warm."""
+    max_workers: int = 8
+    """Upper bound on worker processes (python effects take one each)."""
+    worker_slots: int = 32
+    """Shell/sleep effects one worker supervises at once."""
+    worker_idle_timeout: float = 60.0
+    max_effects_per_worker: int = 0
+    """Recycle a worker after this many effects (0: never)."""
+    max_worker_rss: int = 0
+    """Recycle a worker whose RSS passes this many bytes once idle (0: never)."""
+    max_queued: int = 100_000
+    max_waits: int = 10_000
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    kill_grace: float = 5.0
+    drain_timeout: float = 30.0
+    adopt_grace: float = 10.0
+    orphan_timeout: float = DEFAULT_ORPHAN_TIMEOUT
+    heartbeat: float = HEARTBEAT_INTERVAL
+    log_level: str = "INFO"
+    log_file: Path | None = None
+
+    @property
+    def journal_path(self) -> Path:
+        return self.state_dir / "journal.sqlite3"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.state_dir / "outputs"

@@ -1,0 +1,228 @@
+"""Control-request handlers: one method per op, each returning the reply fields.
+
+Handlers change the scheduler's state and stage journal writes; the server commits the batch
+once per loop turn and only then sends the replies (group commit: nothing is acknowledged
+before it is durable).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from effectd import __version__
+from effectd.daemon.core import Effect
+from effectd.ipc.errors import InvalidState, NotFound, QueueFull, TooManyWaits, Unavailable
+from effectd.ipc.schema import (
+    CAPABILITIES,
+    FINAL_STATES,
+    MAX_PROTOCOL_VERSION,
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    EffectState,
+    Request,
+)
+
+if TYPE_CHECKING:
+    from effectd.daemon.server import Daemon
+
+
+@dataclass
+class Waiter:
+    """A parked ``wait``: answered when its effects are final, or at its deadline."""
+
+    ident: bytes
+    request_id: Any
+    ids: list[str]
+    first: bool
+    deadline: float
+
+
+RESULT_FIELDS = ("id", "state", "reason", "exit_code", "signal", "result", "error", "attempt",
+                 "sizes", "truncated")
+
+
+class RequestHandlers:
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+
+    def dispatch(self, ident: bytes, req: Request) -> dict[str, Any] | None:
+        """Reply fields, or None when the request was parked (wait)."""
+        method = getattr(self, f"op_{req.op}")
+        return method(ident, req)  # type: ignore[no-any-return]
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    def record(self, effect_id: str) -> dict[str, Any] | None:
+        eff = self.d.sched.effects.get(effect_id)
+        if eff is not None:
+            rec = eff.to_record()
+            if eff.state is EffectState.RUNNING:
+                rec["sizes"] = self.d.outputs.sizes(effect_id)
+            return rec
+        return self.d.journal.get(effect_id)
+
+    def records(self, ids: list[str]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        missing: list[str] = []
+        for eid in ids:
+            rec = self.record(eid)
+            if rec is None:
+                missing.append(eid)
+            else:
+                out.append(rec)
+        if missing:
+            raise NotFound(f"no effect with id {', '.join(missing[:10])}")
+        return out
+
+    def state_of(self, effect_id: str) -> EffectState | None:
+        rec = self.record(effect_id)
+        return None if rec is None else EffectState(rec["state"])
+
+    # ---- ops ------------------------------------------------------------------------------
+
+    def op_hello(self, ident: bytes, req: Request) -> dict[str, Any]:
+        d = self.d
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "min_protocol": MIN_PROTOCOL_VERSION,
+            "max_protocol": MAX_PROTOCOL_VERSION,
+            "capabilities": list(CAPABILITIES),
+            "daemon_version": __version__,
+            "instance": d.instance,
+            "pid": os.getpid(),
+            "uptime": time.monotonic() - d.started,
+            "counts": d.journal.counts(),
+            "workers": [
+                {"id": w.id, "pid": w.pid, "state": w.state.value, "effects": len(w.effects),
+                 "effects_done": w.effects_done, "rss": w.rss}
+                for w in d.sched.live_workers()
+            ],
+            "worker_restarts": d.worker_failures,
+            "spawn_backoff": max(0.0, d.spawn_not_before - time.monotonic()),
+            "draining": d.draining,
+            "managed_by": d.managed_by,
+            "runtime_dir": str(d.config.runtime_dir),
+            "state_dir": str(d.config.state_dir),
+            "limits": {"parallel": d.config.parallel, "max_workers": d.config.max_workers,
+                       "max_queued": d.config.max_queued,
+                       "max_output_bytes": d.config.max_output_bytes},
+        }
+
+    def _new_effect(self, spec: dict[str, Any], now: float) -> Effect:
+        for dep in spec.get("after") or []:
+            if self.state_of(dep) is None:
+                raise NotFound(f"after: no effect with id {dep}")
+        if spec.get("stdin_from") and self.state_of(spec["stdin_from"]) is None:
+            raise NotFound(f"stdin_from: no effect with id {spec['stdin_from']}")
+        if "max_output_bytes" not in spec:
+            spec["max_output_bytes"] = self.d.config.max_output_bytes
+        return Effect(id=self.d.ids.new(now), spec=spec, submitted_at=now)
+
+    def _submit(self, specs: list[dict[str, Any]], request_key: str | None) -> list[str]:
+        d = self.d
+        if d.draining:
+            raise Unavailable("the daemon is shutting down and accepts no new effects")
+        if request_key is not None:
+            known = d.journal.ids_for_request_key(request_key)
+            if known is not None:
+                return known
+        if d.sched.queue_full(len(specs)):
+            raise QueueFull(f"{len(d.sched.effects)} effects are queued or running "
+                            f"(limit --max-queued {d.config.max_queued})")
+        now = time.time()
+        effects = [self._new_effect(spec, now) for spec in specs]  # validate all before writing any
+        for eff in effects:
+            d.sched.add(eff)
+            d.journal.put_effect(eff.to_record(), "submitted", new=True)
+        if request_key is not None:
+            d.journal.put_request_key(request_key, [e.id for e in effects])
+        return [e.id for e in effects]
+
+    def op_submit(self, ident: bytes, req: Request) -> dict[str, Any]:
+        ids = self._submit([req.args["effect"]], req.args["request_key"])
+        return {"id": ids[0], "state": self.state_of(ids[0]).value}  # type: ignore[union-attr]
+
+    def op_submit_many(self, ident: bytes, req: Request) -> dict[str, Any]:
+        return {"ids": self._submit(req.args["effects"], req.args["request_key"])}
+
+    def op_status(self, ident: bytes, req: Request) -> dict[str, Any]:
+        return {"effects": self.records(req.args["ids"])}
+
+    def op_list(self, ident: bytes, req: Request) -> dict[str, Any]:
+        a = req.args
+        recs = self.d.journal.list(states=a["states"], labels=a["labels"], name=a["name"],
+                                   limit=a["limit"], before=a["before"])
+        return {"effects": [self.record(r["id"]) or r for r in recs]}
+
+    def _wait_done(self, ids: list[str], first: bool) -> bool:
+        finals = [self.state_of(i) in FINAL_STATES for i in ids]
+        return any(finals) if first else all(finals)
+
+    def wait_reply(self, ids: list[str], timed_out: bool) -> dict[str, Any]:
+        recs = self.records(ids)
+        done = [r["id"] for r in recs if EffectState(r["state"]) in FINAL_STATES]
+        return {"effects": recs, "done": done, "timed_out": timed_out}
+
+    def op_wait(self, ident: bytes, req: Request) -> dict[str, Any] | None:
+        ids = req.args["ids"]
+        self.records(ids)  # NotFound before parking
+        first = req.args["return_when"] == "first"
+        if self._wait_done(ids, first) or req.args["timeout"] == 0:
+            return self.wait_reply(ids, timed_out=not self._wait_done(ids, first))
+        if len(self.d.waiters) >= self.d.config.max_waits:
+            raise TooManyWaits(f"{len(self.d.waiters)} waits are parked (limit {self.d.config.max_waits})")
+        self.d.waiters.append(Waiter(ident, req.id, ids, first, time.monotonic() + req.args["timeout"]))
+        return None
+
+    def resolve_waiters(self, now: float) -> None:
+        still: list[Waiter] = []
+        for w in self.d.waiters:
+            try:
+                done = self._wait_done(w.ids, w.first)
+                if done or now >= w.deadline:
+                    self.d.reply(w.ident, w.request_id, self.wait_reply(w.ids, timed_out=not done))
+                else:
+                    still.append(w)
+            except NotFound as exc:  # garbage-collected meanwhile
+                self.d.reply_error(w.ident, w.request_id, exc)
+        self.d.waiters = still
+
+    def op_result(self, ident: bytes, req: Request) -> dict[str, Any]:
+        rec = self.records([req.args["id"]])[0]
+        if EffectState(rec["state"]) not in FINAL_STATES:
+            raise InvalidState(f"effect {rec['id']} is {rec['state']}; its result is not known yet")
+        return {k: rec.get(k) for k in RESULT_FIELDS}
+
+    def op_cancel(self, ident: bytes, req: Request) -> dict[str, Any]:
+        d = self.d
+        self.records(req.args["ids"])
+        reason = req.args["reason"] or "cancelled"
+        results = []
+        for eid in req.args["ids"]:
+            eff = d.sched.effects.get(eid)
+            if eff is None:
+                results.append({"id": eid, "state": self.state_of(eid).value, "cancelled": False})  # type: ignore[union-attr]
+                continue
+            d.cancel_effect(eff, reason)
+            results.append({"id": eid, "state": eff.state.value, "cancelled": True})
+        return {"effects": results}
+
+    def op_read_output(self, ident: bytes, req: Request) -> dict[str, Any]:
+        a = req.args
+        rec = self.records([a["id"]])[0]
+        final = EffectState(rec["state"]) in FINAL_STATES
+        # Size first, then data: with the worker appending concurrently, data may extend past
+        # the size we report but never the other way round.
+        size = self.d.outputs.size(a["id"], a["stream"])
+        data = self.d.outputs.read(a["id"], a["stream"], a["offset"], a["max_bytes"])
+        next_offset = a["offset"] + len(data)
+        return {"id": a["id"], "stream": a["stream"], "offset": a["offset"], "data": data,
+                "next_offset": next_offset, "size": max(size, next_offset), "state": rec["state"],
+                "final": final, "eof": final and next_offset >= max(size, next_offset)}
+
+    def op_shutdown(self, ident: bytes, req: Request) -> dict[str, Any]:
+        self.d.begin_shutdown(drain=req.args["drain"])
+        return {"stopping": True, "drain": req.args["drain"]}

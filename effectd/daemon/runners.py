@@ -1,0 +1,421 @@
+"""How each kind of effect runs inside a worker: shell children, python calls, sleeps.
+
+A run never blocks the worker's loop: it exposes file descriptors to poll and a ``tick`` to call,
+returns output chunks for the worker to publish, and ends with a completion report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import os
+import queue
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import msgpack
+
+from effectd.daemon.output import OutputWriter
+from effectd.daemon.proctree import EFFECT_MARKER_ENV, ProcessIdentity, TreeKill, effect_processes
+
+READ_CHUNK = 64 * 1024
+MAX_RESULT_BYTES = 16 * 1024 * 1024
+LEFTOVER_GRACE = 1.0
+"""Seconds a background process left behind by a finished shell effect gets between SIGTERM and
+SIGKILL: an effect ends when its main process exits, and nothing it started may outlive it."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    stream: str
+    offset: int
+    data: bytes
+
+
+class Phase(str, Enum):
+    RUNNING = "running"
+    KILLING = "killing"
+    DONE = "done"
+
+
+class Run:
+    """Common state of one attempt of one effect."""
+
+    def __init__(self, effect_id: str, attempt: int, spec: dict[str, Any], writer: OutputWriter,
+                 kill_grace: float) -> None:
+        self.effect_id = effect_id
+        self.attempt = attempt
+        self.spec = spec
+        self.writer = writer
+        self.kill_grace = kill_grace
+        self.started_at = time.time()
+        timeout = spec.get("timeout")
+        self.deadline = time.monotonic() + float(timeout) if timeout else None
+        self.phase = Phase.RUNNING
+        self.end_state: str | None = None   # set by cancel/timeout before the kill completes
+        self.end_reason: str | None = None
+        self.report: dict[str, Any] | None = None
+        self.pid: int | None = None
+        self.create_time: float | None = None
+
+    def fds(self) -> list[int]:
+        return []
+
+    def on_readable(self, fd: int) -> list[Chunk]:
+        return []
+
+    def tick(self, now: float) -> list[Chunk]:
+        return []
+
+    def stop(self, state: str, reason: str) -> None:
+        raise NotImplementedError
+
+    def next_deadline(self) -> float | None:
+        return self.deadline
+
+    def running_report(self) -> dict[str, Any]:
+        return {"id": self.effect_id, "attempt": self.attempt, "pid": self.pid,
+                "create_time": self.create_time, "sizes": self.writer.sizes()}
+
+    def _finish(self, state: str, **fields: Any) -> list[Chunk]:
+        chunks = [Chunk(s, off, data) for s, off, data in self.writer.finish()]
+        self.report = {
+            "id": self.effect_id, "attempt": self.attempt, "state": state,
+            "sizes": self.writer.sizes(), "truncated": self.writer.truncated(),
+            "started_at": self.started_at, "finished_at": time.time(), **fields,
+        }
+        self.phase = Phase.DONE
+        return chunks
+
+
+def _rlimit_preexec(limits: dict[str, int]) -> Callable[[], None]:
+    names = {"as": resource.RLIMIT_AS, "cpu": resource.RLIMIT_CPU, "nofile": resource.RLIMIT_NOFILE}
+
+    def apply() -> None:
+        for key, value in limits.items():
+            resource.setrlimit(names[key], (value, value))
+
+    return apply
+
+
+class ShellRun(Run):
+    """A child process in its own session, stdout/stderr on non-blocking pipes, exit via pidfd."""
+
+    def __init__(self, *args: Any, base_env: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        spec = self.spec
+        argv = spec["argv"] if "argv" in spec else ["/bin/sh", "-c", spec["command"]]
+        env = dict(spec["env"]) if "env" in spec else dict(base_env)
+        env[EFFECT_MARKER_ENV] = self.effect_id
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._pipes: dict[int, str] = {}
+        self._pidfd = -1
+        self._exit_status: int | None = None
+        self._kill: TreeKill | None = None
+        self._leftover_kill: TreeKill | None = None
+        self.spawn_error: dict[str, Any] | None = None
+        try:
+            self.proc = subprocess.Popen(
+                argv, cwd=spec.get("cwd"), env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                preexec_fn=_rlimit_preexec(spec["rlimits"]) if spec.get("rlimits") else None,
+            )
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            self.spawn_error = {"type": type(exc).__name__, "message": str(exc), "traceback": ""}
+            return
+        self.pid = self.proc.pid
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        for pipe, name in ((self.proc.stdout, "stdout"), (self.proc.stderr, "stderr")):
+            fd = pipe.fileno()
+            os.set_blocking(fd, False)
+            self._pipes[fd] = name
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except OSError:
+            self._pidfd = -1
+        with contextlib.suppress(Exception):
+            import psutil
+
+            self.create_time = psutil.Process(self.pid).create_time()
+
+    @property
+    def identity(self) -> ProcessIdentity | None:
+        if self.pid is None or self.create_time is None:
+            return None
+        return ProcessIdentity(self.pid, self.create_time)
+
+    def fds(self) -> list[int]:
+        fds = list(self._pipes)
+        if self._pidfd >= 0:
+            fds.append(self._pidfd)
+        return fds
+
+    def _read(self, fd: int) -> list[Chunk]:
+        chunks: list[Chunk] = []
+        name = self._pipes[fd]
+        while True:
+            try:
+                data = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                return chunks
+            except OSError:
+                data = b""
+            if not data:
+                self._close_pipe(fd)
+                return chunks
+            offset, kept = self.writer.write(name, data)
+            if kept:
+                chunks.append(Chunk(name, offset, kept))
+            if len(data) < READ_CHUNK:
+                return chunks
+
+    def _close_pipe(self, fd: int) -> None:
+        self._pipes.pop(fd, None)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    def on_readable(self, fd: int) -> list[Chunk]:
+        if fd == self._pidfd:
+            self._reap()
+            return []
+        if fd in self._pipes:
+            return self._read(fd)
+        return []
+
+    def _reap(self) -> None:
+        if self.proc is None or self._exit_status is not None:
+            return
+        status = self.proc.poll()
+        if status is not None:
+            self._exit_status = status
+            if self._pidfd >= 0:
+                os.close(self._pidfd)
+                self._pidfd = -1
+
+    def protected_pids(self) -> set[int]:
+        return {self.pid} if self.pid is not None and self._exit_status is None else set()
+
+    def stop(self, state: str, reason: str) -> None:
+        if self.phase is not Phase.RUNNING or self.proc is None:
+            return
+        self.end_state, self.end_reason = state, reason
+        self.phase = Phase.KILLING
+        self._kill = TreeKill(self.effect_id, self.identity, grace=self.kill_grace,
+                              protected_pids=self.protected_pids)
+        self._kill.start()
+
+    def tick(self, now: float) -> list[Chunk]:
+        if self.phase is Phase.DONE:
+            return []
+        if self.spawn_error is not None:
+            return self._finish("failed", reason="spawn_failed", error=self.spawn_error)
+        if self._pidfd < 0:
+            self._reap()  # no pidfd on this kernel: fall back to polling
+        if self.phase is Phase.RUNNING and self.deadline is not None and time.monotonic() >= self.deadline:
+            self.stop("timed_out", "timeout")
+        chunks: list[Chunk] = []
+        if self._kill is not None and not self._kill.done:
+            self._kill.poll(now)
+        if self._exit_status is not None and self._pipes:
+            # Main process gone but a pipe is still open: a background process inherited it.
+            for fd in list(self._pipes):
+                chunks += self._read(fd)
+            if self._pipes and self._leftover_kill is None and self._kill is None:
+                self._leftover_kill = TreeKill(self.effect_id, None, grace=LEFTOVER_GRACE,
+                                               protected_pids=self.protected_pids)
+                self._leftover_kill.start()
+        if self._leftover_kill is not None and not self._leftover_kill.done:
+            self._leftover_kill.poll(now)
+        if self._exit_status is None or self._pipes:
+            return chunks
+        if self._kill is not None and not self._kill.done:
+            return chunks
+        if self._leftover_kill is None and self._kill is None:
+            # Normal exit with pipes closed; still take down anything it left behind.
+            if effect_processes(self.effect_id):
+                self._leftover_kill = TreeKill(self.effect_id, None, grace=LEFTOVER_GRACE)
+                self._leftover_kill.start()
+                return chunks
+        if self._leftover_kill is not None and not self._leftover_kill.done:
+            return chunks
+        status = self._exit_status
+        exit_code = status if status >= 0 else None
+        sig = -status if status < 0 else None
+        if self.end_state is not None:
+            return chunks + self._finish(self.end_state, reason=self.end_reason, exit_code=exit_code,
+                                         signal=sig)
+        if status == 0:
+            return chunks + self._finish("succeeded", exit_code=0)
+        reason = f"killed by signal {sig}" if sig else f"exit code {status}"
+        return chunks + self._finish("failed", reason=reason, exit_code=exit_code, signal=sig)
+
+    def next_deadline(self) -> float | None:
+        if self.phase is Phase.KILLING or (self._exit_status is not None and self.phase is not Phase.DONE):
+            return time.monotonic() + 0.05  # kill in progress: re-check soon
+        return self.deadline
+
+
+class SleepRun(Run):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.until = time.monotonic() + float(self.spec["seconds"])
+
+    def stop(self, state: str, reason: str) -> None:
+        if self.phase is Phase.RUNNING:
+            self.end_state, self.end_reason = state, reason
+            self.phase = Phase.KILLING
+
+    def tick(self, now: float) -> list[Chunk]:
+        mono = time.monotonic()
+        if self.phase is Phase.DONE:
+            return []
+        if self.phase is Phase.KILLING:
+            return self._finish(self.end_state or "cancelled", reason=self.end_reason)
+        if self.deadline is not None and mono >= self.deadline and self.deadline < self.until:
+            return self._finish("timed_out", reason="timeout")
+        if mono >= self.until:
+            return self._finish("succeeded", result=None)
+        return []
+
+    def next_deadline(self) -> float | None:
+        if self.phase is Phase.KILLING:
+            return time.monotonic()
+        return min(self.until, self.deadline) if self.deadline is not None else self.until
+
+
+# ---- python effects ---------------------------------------------------------------------------
+
+_progress_hook: Callable[[float | None, str | None], None] | None = None
+
+
+def report_progress(fraction: float | None, message: str | None) -> None:
+    """Called by ``effectd.progress`` inside a python effect."""
+    hook = _progress_hook
+    if hook is not None:
+        hook(fraction, message)
+
+
+def _error_info(exc: BaseException) -> dict[str, Any]:
+    cls = type(exc)
+    return {"type": f"{cls.__module__}.{cls.__qualname__}", "message": str(exc),
+            "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__))}
+
+
+def _resolve(target: str) -> Callable[..., Any]:
+    module_name, _, attr = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{target} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+class PythonRun(Run):
+    """Calls ``module:function`` in a thread of the worker (the worker is exclusive to it).
+
+    Output printed by the function reaches the worker's stdout/stderr pipes, which the worker
+    routes here (``feed_output``). Yielded values become ``value`` chunks. The thread cannot be
+    interrupted, so cancel and timeout end the whole worker after the report is delivered
+    (``poisons_worker``)."""
+
+    def __init__(self, *args: Any, wake: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pid = os.getpid()
+        self.events: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1024)
+        self._wake = wake
+        self.poisons_worker = False
+        self._thread = threading.Thread(target=self._main, name=f"effect-{self.effect_id}", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: tuple[str, Any]) -> None:
+        self.events.put(item)  # blocks a fast generator when the loop falls behind: backpressure
+        self._wake()
+
+    def _main(self) -> None:
+        global _progress_hook
+        spec = self.spec
+        cwd = spec.get("cwd")
+        _progress_hook = lambda fraction, message: self._put(("progress", (fraction, message)))
+        os.environ[EFFECT_MARKER_ENV] = self.effect_id
+        try:
+            if cwd:
+                if cwd not in sys.path:
+                    sys.path.insert(0, cwd)
+                os.chdir(cwd)
+            func = _resolve(spec["target"])
+            value = func(*(spec.get("args") or []), **(spec.get("kwargs") or {}))
+            if inspect.isgenerator(value):
+                for item in value:
+                    self._put(("value", msgpack.packb(item, use_bin_type=True)))
+                value = None
+            packed = msgpack.packb(value, use_bin_type=True)
+            if len(packed) > MAX_RESULT_BYTES:
+                raise ValueError(f"result of {len(packed)} bytes exceeds {MAX_RESULT_BYTES}")
+            self._put(("done", value))
+        except BaseException as exc:  # noqa: BLE001 - everything the effect raises is its outcome
+            if isinstance(exc, TypeError) and "serializ" in str(exc):
+                exc = TypeError(f"the return value or a yielded value is not msgpack-serializable: {exc}")
+            self._put(("error", _error_info(exc)))
+        finally:
+            _progress_hook = None
+            os.environ.pop(EFFECT_MARKER_ENV, None)
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+
+    def feed_output(self, stream: str, data: bytes) -> list[Chunk]:
+        offset, kept = self.writer.write(stream, data)
+        return [Chunk(stream, offset, kept)] if kept else []
+
+    def drain_events(self) -> tuple[list[Chunk], list[tuple[float | None, str | None]]]:
+        chunks: list[Chunk] = []
+        progress: list[tuple[float | None, str | None]] = []
+        while self.phase is Phase.RUNNING:
+            try:
+                kind, payload = self.events.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "value":
+                offset, kept = self.writer.write_value(payload)
+                if kept:
+                    chunks.append(Chunk("value", offset, kept))
+            elif kind == "progress":
+                progress.append(payload)
+            elif kind == "done":
+                chunks += self._finish("succeeded", result=payload)
+            elif kind == "error":
+                chunks += self._finish("failed", reason="exception", error=payload)
+        return chunks, progress
+
+    def stop(self, state: str, reason: str) -> None:
+        if self.phase is Phase.RUNNING:
+            self.end_state, self.end_reason = state, reason
+            self.phase = Phase.KILLING
+
+    def tick(self, now: float) -> list[Chunk]:
+        if self.phase is Phase.RUNNING and self.deadline is not None and time.monotonic() >= self.deadline:
+            self.stop("timed_out", "timeout")
+        if self.phase is Phase.KILLING:
+            # Kill what the function started (it inherited the marker), then give up the worker.
+            TreeKill(self.effect_id, None, grace=0.0).start()
+            self.poisons_worker = True
+            return self._finish(self.end_state or "cancelled", reason=self.end_reason)
+        return []
+
+
+def signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)

@@ -1,0 +1,621 @@
+"""The daemon's event loop: the sockets, the journal batch, and the glue to the core.
+
+One thread, one ``zmq.Poller``. Each turn drains what is ready on every socket (bounded per
+turn, so no peer starves the others), lets the handlers and the scheduler decide, commits the
+journal batch once, and only then sends replies, assignments and events (the "outbox"). A
+``wait`` is parked, never blocking; the loop's timeout is the nearest deadline.
+
+Sockets (all bound here, in the 0700 runtime dir):
+  control  ROUTER  clients' REQ/DEALER requests
+  stream   XPUB    output chunks and lifecycle events to clients' SUB sockets
+  workers  ROUTER  workers' DEALER sockets
+  publish  XSUB    workers' PUB sockets (chunks forwarded to ``stream``)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from effectd.daemon.config import DaemonConfig
+from effectd.daemon.core import Effect, Limits, Scheduler, Worker, WorkerState
+from effectd.daemon.ids import UlidGenerator
+from effectd.daemon.pool import WorkerProcesses
+from effectd.daemon.proctree import ProcessIdentity, TreeKill
+from effectd.daemon.requests import RequestHandlers, Waiter
+from effectd.daemon.sdnotify import SystemdNotifier
+from effectd.daemon.worker import HEARTBEAT_LIVENESS
+from effectd.ipc import codec
+from effectd.ipc.endpoints import Endpoints
+from effectd.ipc.errors import DiskFull, EffectdError, InternalError
+from effectd.ipc.schema import (
+    FINAL_STATES,
+    WORKER_TO_DAEMON,
+    EffectKind,
+    EffectState,
+    check_finish,
+    check_running_report,
+    error_reply,
+    event_header,
+    ok_reply,
+    parse_request,
+    parse_worker_message,
+    request_id_of,
+)
+from effectd.journal import Journal, OutputStore
+
+log = logging.getLogger("effectd.daemon")
+
+MAX_BATCH = 512
+"""Messages taken from one socket per loop turn (fairness between clients, workers, streams)."""
+STREAM_HWM = 10_000
+WORKER_START_TIMEOUT = 30.0
+SPAWN_BACKOFF_MAX = 60.0
+
+
+@dataclass
+class PendingKill:
+    """An effect whose process tree is being killed before it is concluded."""
+
+    effect_id: str
+    kill: TreeKill
+    state: EffectState
+    reason: str
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.started = time.monotonic()
+        self.instance = uuid.uuid4().hex
+        self.ids = UlidGenerator()
+        self.sched = Scheduler(Limits(parallel=config.parallel, max_workers=config.max_workers,
+                                      min_workers=config.min_workers, worker_slots=config.worker_slots,
+                                      max_queued=config.max_queued))
+        self.handlers = RequestHandlers(self)
+        self.waiters: list[Waiter] = []
+        self.outbox: list[tuple[zmq.Socket[bytes], list[bytes], bool]] = []
+        self.pending_kills: dict[str, PendingKill] = {}
+        self.adopting: dict[str, float] = {}
+        self.procs = WorkerProcesses(config)
+        self.notifier = SystemdNotifier.from_environ()
+        self.managed_by = "systemd" if self.notifier.enabled else os.environ.get("EFFECTD_STARTED_BY", "foreground")
+        self.draining = False
+        self.drain_deadline: float | None = None
+        self.interrupting_since: float | None = None
+        self.stop_requested = False
+        self.stop_now = False
+        self.ready_sent = False
+        self.worker_failures = 0
+        self.spawn_not_before = 0.0
+        self._last_hb_sent = 0.0
+        self.endpoints = Endpoints.for_runtime(config.runtime_dir)
+        self.journal: Journal
+        self.outputs: OutputStore
+
+    # ---- setup ----------------------------------------------------------------------------
+
+    def open_state(self) -> None:
+        self.journal = Journal(self.config.journal_path)
+        self.outputs = OutputStore(self.config.outputs_dir)
+        groups = self.journal.get_meta("group_limits") or {}
+        self.sched.group_limits.update(groups)
+
+    def bind(self) -> None:
+        ctx = self.ctx = zmq.Context()
+        ep = self.endpoints
+        old_umask = os.umask(0o077)  # socket files 0600
+        try:
+            self.control = ctx.socket(zmq.ROUTER)
+            self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self.control.setsockopt(zmq.MAXMSGSIZE, codec.MAX_REQUEST_BYTES)
+            self.control.setsockopt(zmq.LINGER, 500)
+            self.control.setsockopt(zmq.SNDHWM, 10_000)
+            self.workers_sock = ctx.socket(zmq.ROUTER)
+            self.workers_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self.workers_sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_WORKER_MESSAGE_BYTES)
+            self.workers_sock.setsockopt(zmq.LINGER, 500)
+            self.stream = ctx.socket(zmq.XPUB)
+            self.stream.setsockopt(zmq.XPUB_VERBOSE, 1)
+            self.stream.setsockopt(zmq.SNDHWM, STREAM_HWM)
+            self.stream.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscribers only send subscriptions
+            self.stream.setsockopt(zmq.LINGER, 0)
+            self.publish = ctx.socket(zmq.XSUB)
+            self.publish.setsockopt(zmq.RCVHWM, STREAM_HWM)
+            self.publish.setsockopt(zmq.LINGER, 0)
+            for sock, addr in ((self.control, ep.control), (self.workers_sock, ep.workers),
+                               (self.stream, ep.stream), (self.publish, ep.publish)):
+                path = addr[len("ipc://"):]
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # stale file of a dead daemon; we hold the lock
+                sock.bind(addr)
+                os.chmod(path, 0o600)
+        finally:
+            os.umask(old_umask)
+
+    def recover(self) -> None:
+        """Load unfinished effects. Queued ones run as normal; running ones wait ``adopt_grace``
+        for their worker to reconnect and report them, then become lost (``daemon_crashed``)."""
+        now = time.monotonic()
+        for rec in self.journal.unfinished():
+            eff = Effect.from_record(rec)
+            self.sched.add(eff)
+            if eff.state is EffectState.RUNNING:
+                self.adopting[eff.id] = now + self.config.adopt_grace
+        if self.sched.effects:
+            log.info("recovered %d queued and %d running effects", len(self.sched.queued()),
+                     len(self.adopting))
+
+    # ---- outbox ---------------------------------------------------------------------------
+
+    def queue_send(self, sock: zmq.Socket[bytes], frames: list[bytes], durable: bool = True) -> None:
+        self.outbox.append((sock, frames, durable))
+
+    def reply(self, ident: bytes, request_id: Any, fields: dict[str, Any]) -> None:
+        self.queue_send(self.control, [ident, b"", codec.pack(ok_reply(request_id, **fields))])
+
+    def reply_error(self, ident: bytes, request_id: Any, exc: EffectdError) -> None:
+        self.queue_send(self.control, [ident, b"", codec.pack(error_reply(request_id, exc.code, exc.message))],
+                        durable=False)
+
+    def to_worker(self, worker_id: str, msg: dict[str, Any]) -> None:
+        self.queue_send(self.workers_sock, [worker_id.encode(), codec.pack(msg)])
+
+    def publish_event(self, effect_id: str, event: str, **fields: Any) -> None:
+        self.queue_send(self.stream, [effect_id.encode(), codec.pack(event_header(event, **fields)), b""])
+
+    def flush(self) -> None:
+        """Commit the batch, then send. If the commit fails, nothing that needed it is sent."""
+        try:
+            self.journal.commit()
+        except DiskFull as exc:
+            log.error("journal commit failed, refusing this batch: %s", exc)
+            self._after_failed_commit(exc)
+        outbox, self.outbox = self.outbox, []
+        for sock, frames, _ in outbox:
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                # A client that went away (EHOSTUNREACH) or a full link: never let it stop us.
+                log.debug("send dropped: %s", exc)
+
+    def _after_failed_commit(self, exc: DiskFull) -> None:
+        kept: list[tuple[zmq.Socket[bytes], list[bytes], bool]] = []
+        for sock, frames, durable in self.outbox:
+            if not durable:
+                kept.append((sock, frames, durable))
+            elif sock is self.control:
+                try:
+                    rid = request_id_of(codec.unpack(frames[2]))
+                except EffectdError:
+                    rid = None
+                kept.append((sock, [frames[0], b"", codec.pack(error_reply(rid, exc.code, exc.message))], False))
+            # assignments, acks and events of the failed batch are dropped: the journal is the truth
+        self.outbox = kept
+        # Memory may be ahead of the journal now: reload what the journal holds.
+        for eid in list(self.sched.effects):
+            rec = self.journal.get(eid)
+            if rec is None:
+                eff = self.sched.effects.pop(eid)
+                self.sched.release(eff, time.time())
+        for rec in self.journal.unfinished():
+            eff = self.sched.effects.get(rec["id"])
+            if eff is not None and eff.state.value != rec["state"]:
+                self.sched.release(eff, time.time())
+                restored = Effect.from_record(rec)
+                restored.seq = eff.seq
+                self.sched.effects[rec["id"]] = restored
+
+    # ---- control requests -----------------------------------------------------------------
+
+    def on_control(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            return
+        ident = frames[0]
+        # REQ clients send [ident, b"", body]; DEALER clients may omit the delimiter.
+        body_frames = frames[2:] if frames[1] == b"" else frames[1:]
+        request_id: Any = None
+        try:
+            if len(body_frames) != 1:
+                raise_bad = f"expected exactly one message frame, got {len(body_frames)}"
+                from effectd.ipc.errors import BadRequest
+
+                raise BadRequest(raise_bad)
+            msg = codec.unpack(body_frames[0])
+            request_id = request_id_of(msg)
+            req = parse_request(msg)
+            fields = self.handlers.dispatch(ident, req)
+            if fields is not None:
+                self.reply(ident, req.id, fields)
+        except EffectdError as exc:
+            self.reply_error(ident, request_id, exc)
+        except Exception as exc:
+            log.exception("request failed")
+            self.journal.rollback()
+            self.reply_error(ident, request_id, InternalError(f"{type(exc).__name__}: {exc}"))
+
+    # ---- effects --------------------------------------------------------------------------
+
+    def conclude(self, eff: Effect, state: EffectState, *, reason: str | None = None,
+                 fields: dict[str, Any] | None = None) -> None:
+        final = self.sched.conclude(eff, state, time.time(), reason=reason, fields=fields)
+        self.adopting.pop(eff.id, None)
+        if final:
+            self.journal.put_effect(eff.to_record(), "finished")
+            self.publish_event(eff.id, "finished", state=eff.state.value, attempt=eff.attempt,
+                               sizes=self.outputs.sizes(eff.id))
+        else:
+            self.journal.put_effect(eff.to_record(), "retry_scheduled",
+                                    {"after_state": state.value, "not_before": eff.not_before})
+
+    def cancel_effect(self, eff: Effect, reason: str) -> None:
+        if eff.state is EffectState.QUEUED:
+            eff.cancel_requested = reason
+            self.conclude(eff, EffectState.CANCELLED, reason=reason)
+        elif eff.state is EffectState.RUNNING and eff.cancel_requested is None:
+            eff.cancel_requested = reason
+            self.journal.put_effect(eff.to_record(), "cancel_requested", {"reason": reason})
+            if eff.id in self.adopting:
+                self.kill_then_conclude(eff, EffectState.CANCELLED, reason)
+            elif eff.worker:
+                self.to_worker(eff.worker, {"t": "cancel", "id": eff.id, "reason": reason})
+
+    def kill_then_conclude(self, eff: Effect, state: EffectState, reason: str) -> None:
+        """For effects no live worker supervises: kill their tree here, conclude when it is gone."""
+        if eff.id in self.pending_kills:
+            return
+        self.adopting.pop(eff.id, None)
+        root = ProcessIdentity(eff.pid, eff.create_time) if eff.pid and eff.create_time else None
+        kill = TreeKill(eff.id, root, grace=self.config.kill_grace)
+        kill.start()
+        self.pending_kills[eff.id] = PendingKill(eff.id, kill, state, reason)
+
+    # ---- workers --------------------------------------------------------------------------
+
+    def on_worker(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            return
+        wid = frames[0].decode(errors="replace")
+        try:
+            kind, msg = parse_worker_message(codec.unpack(frames[1], max_bytes=codec.MAX_WORKER_MESSAGE_BYTES),
+                                             WORKER_TO_DAEMON)
+        except EffectdError as exc:
+            log.warning("bad message from worker %s: %s", wid, exc)
+            return
+        worker = self.sched.workers.get(wid)
+        if kind == "ready":
+            self.worker_ready(wid, msg)
+            return
+        if worker is None or worker.state is WorkerState.DEAD:
+            self.queue_send(self.workers_sock, [frames[0], codec.pack({"t": "reset"})], durable=False)
+            return
+        worker.last_seen = time.monotonic()
+        if kind == "hb":
+            worker.effects_done = msg.get("effects_done") or worker.effects_done
+        elif kind == "started":
+            eff = self.sched.effects.get(msg["id"])
+            if eff is not None and eff.attempt == msg["attempt"] and eff.state is EffectState.RUNNING:
+                eff.pid, eff.create_time = msg.get("pid"), msg.get("create_time")
+                if msg.get("started_at"):
+                    eff.started_at = msg["started_at"]
+                self.journal.put_effect(eff.to_record(), "started", {"pid": eff.pid})
+        elif kind == "finished":
+            self.effect_finished(wid, msg)
+        elif kind == "progress":
+            eff = self.sched.effects.get(msg["id"])
+            if eff is not None:
+                eff.progress = {"fraction": msg.get("fraction"), "message": msg.get("message"),
+                                "time": time.time()}
+                self.publish_event(eff.id, "progress", fraction=msg.get("fraction"),
+                                   message=msg.get("message"), time=time.time())
+        elif kind == "bye":
+            worker.state = WorkerState.STOPPING
+
+    def worker_ready(self, wid: str, msg: dict[str, Any]) -> None:
+        worker = self.sched.workers.get(wid)
+        if worker is None or worker.state is WorkerState.DEAD:
+            worker = Worker(id=wid, pid=msg["pid"], spawned_by_us=wid in self.procs.children)
+            if not worker.spawned_by_us:
+                self.procs.adopted_pids[wid] = msg["pid"]
+                log.info("worker %s (pid %d) of an earlier daemon reconnected", wid, msg["pid"])
+            self.sched.add_worker(worker)
+        if worker.state is WorkerState.STARTING:
+            worker.state = WorkerState.READY
+        worker.pid = msg["pid"]
+        worker.slots = msg["slots"]
+        worker.last_seen = time.monotonic()
+        worker.idle_since = worker.idle_since or time.monotonic()
+        worker.effects_done = msg.get("effects_done") or 0
+        self.worker_failures = 0
+        for report in msg.get("finished") or []:
+            with contextlib.suppress(EffectdError):
+                self.effect_finished(wid, check_finish(report))
+        for report in msg.get("running") or []:
+            try:
+                rep = check_running_report(report)
+            except EffectdError:
+                continue
+            eff = self.sched.effects.get(rep["id"])
+            if (eff is not None and eff.state is EffectState.RUNNING and eff.attempt == rep["attempt"]
+                    and eff.id not in self.pending_kills):
+                if eff.id in self.adopting or eff.worker != wid:
+                    log.info("re-adopted effect %s on worker %s", eff.id, wid)
+                    self.adopting.pop(eff.id, None)
+                    eff.worker = wid
+                    eff.pid = rep.get("pid") or eff.pid
+                    eff.create_time = rep.get("create_time") or eff.create_time
+                    self.journal.put_effect(eff.to_record(), "adopted", {"worker": wid})
+                worker.effects.add(eff.id)
+                if eff.kind is EffectKind.PYTHON:
+                    worker.python_effect = eff.id
+            else:
+                # Not ours to run (already final, or unknown to this journal): stop it.
+                self.to_worker(wid, {"t": "cancel", "id": rep["id"], "reason": "not_adopted"})
+        self.queue_send(self.workers_sock, [wid.encode(), codec.pack({"t": "welcome", "instance": self.instance})],
+                        durable=False)
+
+    def effect_finished(self, wid: str, rep: dict[str, Any]) -> None:
+        eff = self.sched.effects.get(rep["id"])
+        if eff is not None and eff.state is EffectState.RUNNING and eff.attempt == rep["attempt"]:
+            state = EffectState(rep["state"])
+            reason = rep.get("reason")
+            if eff.cancel_requested in ("daemon_stopped",) and state is EffectState.CANCELLED:
+                state, reason = EffectState.LOST, "daemon_stopped"
+            elif state is EffectState.CANCELLED and eff.cancel_requested:
+                reason = eff.cancel_requested
+            fields = {k: rep.get(k) for k in ("exit_code", "signal", "result", "error")}
+            fields["sizes"] = rep.get("sizes") or {}
+            fields["truncated"] = rep.get("truncated") or {}
+            self.pending_kills.pop(eff.id, None)
+            self.conclude(eff, state, reason=reason, fields=fields)
+        # Duplicates and late reports never change a final state; always acknowledge them so the
+        # worker forgets the report.
+        self.to_worker(wid, {"t": "ack", "id": rep["id"], "attempt": rep["attempt"]})
+
+    def worker_lost(self, worker: Worker, why: str) -> None:
+        if worker.state is WorkerState.DEAD:
+            return
+        was_stopping = worker.state is WorkerState.STOPPING
+        worker.state = WorkerState.DEAD
+        self.procs.kill(worker.id, worker.pid)
+        self.procs.adopted_pids.pop(worker.id, None)
+        effects = self.sched.effects_of(worker)
+        if effects or not was_stopping:
+            log.warning("worker %s (pid %s) lost: %s; %d effect(s) affected", worker.id, worker.pid, why,
+                        len(effects))
+        if not was_stopping and not self.draining:
+            self.worker_failures += 1
+            backoff = min(SPAWN_BACKOFF_MAX, 0.1 * (2 ** min(self.worker_failures, 10)))
+            self.spawn_not_before = time.monotonic() + backoff if self.worker_failures > 2 else 0.0
+        for eff in effects:
+            reason = eff.cancel_requested or "worker_lost"
+            state = EffectState.CANCELLED if eff.cancel_requested else EffectState.FAILED
+            if eff.cancel_requested == "daemon_stopped":
+                state = EffectState.LOST
+            self.kill_then_conclude(eff, state, reason)
+        worker.effects.clear()
+        worker.python_effect = None
+        del self.sched.workers[worker.id]
+
+    # ---- periodic work --------------------------------------------------------------------
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        wall = time.time()
+        for wid, status in self.procs.reap():
+            worker = self.sched.workers.get(wid)
+            if worker is not None:
+                self.worker_lost(worker, f"exited with status {status}")
+        liveness = self.config.heartbeat * HEARTBEAT_LIVENESS
+        for worker in list(self.sched.workers.values()):
+            silent = now - worker.last_seen
+            if worker.state is WorkerState.STARTING and silent > WORKER_START_TIMEOUT:
+                self.worker_lost(worker, "never became ready")
+            elif worker.state in (WorkerState.READY, WorkerState.STOPPING) and silent > liveness:
+                self.worker_lost(worker, f"silent for {silent:.1f}s")
+        if now - self._last_hb_sent >= self.config.heartbeat:
+            self._last_hb_sent = now
+            for worker in self.sched.workers.values():
+                if worker.state in (WorkerState.READY, WorkerState.STOPPING):
+                    self.queue_send(self.workers_sock, [worker.id.encode(), codec.pack({"t": "hb"})], durable=False)
+        for eid, deadline in list(self.adopting.items()):
+            if now >= deadline:
+                eff = self.sched.effects.get(eid)
+                if eff is not None:
+                    log.warning("effect %s was not re-adopted within %.0fs", eid, self.config.adopt_grace)
+                    self.kill_then_conclude(eff, EffectState.LOST, "daemon_crashed")
+                self.adopting.pop(eid, None)
+        for eid, pk in list(self.pending_kills.items()):
+            if pk.kill.poll(now):
+                del self.pending_kills[eid]
+                eff = self.sched.effects.get(eid)
+                if eff is not None and eff.state is EffectState.RUNNING:
+                    self.conclude(eff, pk.state, reason=pk.reason, fields={"sizes": self.outputs.sizes(eid)})
+        if not self.draining:
+            self.schedule(wall, now)
+        self.maintain_pool(now)
+        self.handlers.resolve_waiters(now)
+        self.drive_shutdown(now)
+        counts = self.sched.counts()
+        self.notifier.status(f"{counts.get('running', 0)} running, {counts.get('queued', 0)} queued, "
+                             f"{len(self.sched.live_workers())} workers")
+        if not self.ready_sent and (self.ready_workers() >= self.config.min_workers or now - self.started > 10):
+            self.ready_sent = True
+            self.notifier.ready()
+        self.notifier.tick()
+
+    def ready_workers(self) -> int:
+        return sum(1 for w in self.sched.workers.values() if w.state is WorkerState.READY)
+
+    def schedule(self, wall: float, now: float) -> None:
+        assignments, dep_failed, spawn = self.sched.plan(wall, self.handlers.state_of)
+        for eff in dep_failed:
+            self.conclude(eff, EffectState.CANCELLED, reason="dependency_failed")
+        for eff, worker in assignments:
+            self.sched.start(eff, worker, wall)
+            self.journal.put_effect(eff.to_record(), "running", {"worker": worker.id, "attempt": eff.attempt})
+            self.to_worker(worker.id, {"t": "assign", "id": eff.id, "attempt": eff.attempt, "spec": eff.spec})
+            self.publish_event(eff.id, "started", state="running", attempt=eff.attempt, time=wall)
+        if spawn and now >= self.spawn_not_before:
+            for _ in range(spawn):
+                wid, pid = self.procs.spawn()
+                self.sched.add_worker(Worker(id=wid, pid=pid, last_seen=now))
+
+    def maintain_pool(self, now: float) -> None:
+        if self.draining:
+            return
+        cfg = self.config
+        for worker in self.sched.idle_workers_to_retire(now, cfg.worker_idle_timeout):
+            self.retire(worker, "idle")
+        for worker in list(self.sched.workers.values()):
+            if worker.state is not WorkerState.READY or worker.effects:
+                continue
+            if cfg.max_effects_per_worker and worker.effects_done >= cfg.max_effects_per_worker:
+                self.retire(worker, "max_effects_per_worker")
+            elif cfg.max_worker_rss and worker.pid and self.procs.rss(worker.pid) > cfg.max_worker_rss:
+                self.retire(worker, "max_worker_rss")
+
+    def retire(self, worker: Worker, why: str) -> None:
+        log.info("retiring worker %s (%s)", worker.id, why)
+        worker.state = WorkerState.STOPPING
+        self.to_worker(worker.id, {"t": "stop", "reason": why})
+
+    # ---- shutdown -------------------------------------------------------------------------
+
+    def begin_shutdown(self, drain: bool) -> None:
+        now = time.monotonic()
+        if self.draining and not drain:
+            self.stop_now = True
+        if not self.draining:
+            self.draining = True
+            self.notifier.stopping()
+            self.drain_deadline = now + (self.config.drain_timeout if drain else 0.0)
+            log.info("shutting down (%s)", f"drain up to {self.config.drain_timeout:.0f}s" if drain else "now")
+            for w in self.waiters:  # nobody should wait on a daemon that is going away
+                w.deadline = min(w.deadline, now + (self.config.drain_timeout if drain else 0.0))
+        if self.stop_now:
+            self.drain_deadline = now
+
+    def drive_shutdown(self, now: float) -> None:
+        if not self.draining or self.drain_deadline is None:
+            return
+        running = self.sched.running()
+        if running and now >= self.drain_deadline and self.interrupting_since is None:
+            self.interrupting_since = now
+            for eff in running:
+                eff.cancel_requested = None
+                self.cancel_effect(eff, "daemon_stopped")
+        if running and self.interrupting_since is not None:
+            if now - self.interrupting_since < self.config.kill_grace + 5:
+                return
+            for eff in running:  # workers did not report in time: kill here
+                self.kill_then_conclude(eff, EffectState.LOST, "daemon_stopped")
+        if running or self.pending_kills:
+            return
+        live = [w for w in self.sched.workers.values() if w.state is not WorkerState.DEAD]
+        for w in live:
+            if w.state is not WorkerState.STOPPING:
+                self.retire(w, "daemon_stopped")
+        if not self.procs.children and not self.procs.adopted_pids:
+            self.stop_requested = True
+        elif self.interrupting_since is None and now - self.drain_deadline > 10:
+            self.stop_requested = True  # workers that ignore stop are killed in close()
+
+    # ---- loop -----------------------------------------------------------------------------
+
+    def poll_timeout(self) -> int:
+        if self.outbox or self.journal.dirty:
+            return 0
+        timeout = self.config.heartbeat / 2
+        now = time.monotonic()
+        for w in self.waiters:
+            timeout = min(timeout, max(0.0, w.deadline - now))
+        if self.pending_kills or self.draining:
+            timeout = min(timeout, 0.05)
+        nb = [e.not_before - time.time() for e in self.sched.effects.values() if e.not_before]
+        if nb:
+            timeout = min(timeout, max(0.0, min(nb)))
+        interval = self.notifier.watchdog_interval
+        if interval:
+            timeout = min(timeout, interval / 2)
+        return int(timeout * 1000) + 1
+
+    def run_loop(self) -> None:
+        poller = zmq.Poller()
+        for sock in (self.control, self.workers_sock, self.stream, self.publish):
+            poller.register(sock, zmq.POLLIN)
+        while not self.stop_requested:
+            events = dict(poller.poll(self.poll_timeout()))
+            if self.workers_sock in events:
+                self._drain(self.workers_sock, self.on_worker)
+            if self.control in events:
+                self._drain(self.control, self.on_control)
+            if self.publish in events:
+                self._forward_chunks()
+            if self.stream in events:
+                self._forward_subscriptions()
+            self.tick()
+            self.flush()
+
+    def _drain(self, sock: zmq.Socket[bytes], handler: Any) -> None:
+        for _ in range(MAX_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handler(frames)
+
+    def _forward_chunks(self) -> None:
+        for _ in range(MAX_BATCH):
+            try:
+                frames = self.publish.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            with contextlib.suppress(zmq.Again):
+                self.stream.send_multipart(frames, zmq.NOBLOCK, copy=False)
+
+    def _forward_subscriptions(self) -> None:
+        for _ in range(MAX_BATCH):
+            try:
+                msg = self.stream.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if not msg or msg[0] not in (0, 1):
+                continue
+            self.publish.send(msg)  # so workers' PUB sockets filter at the source
+            topic = msg[1:]
+            if msg[0] == 1 and len(topic) == 26:
+                # Tell the new subscriber its subscription is live (no sleeping, no nudging).
+                state = self.handlers.state_of(topic.decode(errors="replace"))
+                self.queue_send(self.stream, [topic, codec.pack(event_header(
+                    "subscribed", state=state.value if state else None)), b""], durable=False)
+
+    def close(self) -> None:
+        for waiter in self.waiters:
+            self.reply_error(waiter.ident, waiter.request_id, InternalError("daemon stopped"))
+        self.waiters = []
+        self.flush()
+        self.procs.wait_all(timeout=5.0)
+        for pid in self.procs.adopted_pids.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        for sock in (self.control, self.workers_sock, self.stream, self.publish):
+            sock.close()
+        self.ctx.term()
+        self.journal.close()
+        for addr in (self.endpoints.control, self.endpoints.stream, self.endpoints.workers,
+                     self.endpoints.publish):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(addr[len("ipc://"):])
+
+
+def is_final(state: str) -> bool:
+    return EffectState(state) in FINAL_STATES

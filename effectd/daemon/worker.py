@@ -1,0 +1,349 @@
+"""A worker process: runs effects assigned by the daemon and reports them.
+
+Started fresh by the daemon (``python -m effectd.daemon.worker``; never forked from a process that
+holds a zmq context). It connects a DEALER to the daemon's worker ROUTER and a PUB to the daemon's
+XSUB, says READY, then runs a single poll loop over the DEALER, its children's pipes and pidfds.
+
+A worker hosts many shell and sleep effects at once (they are child processes or timers) or one
+python effect (which runs in a thread of the worker). It is a child subreaper, so processes that
+its effects' children orphan are re-parented to it and can be found and killed.
+
+The worker survives its daemon: if the daemon goes silent it keeps running its effects and
+writing their output, re-sends READY (with what it runs and what finished unacknowledged) until a
+daemon answers, and gives up - killing its effects - only after ``orphan_timeout``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from effectd.daemon import runners
+from effectd.daemon.output import DEFAULT_MAX_OUTPUT_BYTES, OutputWriter
+from effectd.daemon.proctree import become_subreaper, reap_orphan_zombies
+from effectd.daemon.runners import Chunk, Phase, PythonRun, Run, ShellRun, SleepRun
+from effectd.ipc import codec
+from effectd.ipc.endpoints import Endpoints
+from effectd.ipc.errors import EffectdError
+from effectd.ipc.schema import (
+    DAEMON_TO_WORKER,
+    PROTOCOL_VERSION,
+    chunk_header,
+    parse_worker_message,
+)
+
+log = logging.getLogger("effectd.worker")
+
+HEARTBEAT_INTERVAL = 1.0
+"""Seconds between heartbeats in each direction (any message counts as one)."""
+HEARTBEAT_LIVENESS = 3
+"""Silent intervals after which the peer is considered gone."""
+DEFAULT_ORPHAN_TIMEOUT = 300.0
+PUB_HWM = 10_000
+"""Chunks queued per subscriber link before PUB drops (subscribers fill gaps from the files)."""
+
+
+class Worker:
+    def __init__(self, endpoints: Endpoints, outputs_root: Path, *, worker_id: str, slots: int,
+                 orphan_timeout: float, kill_grace: float, heartbeat: float = HEARTBEAT_INTERVAL) -> None:
+        self.endpoints = endpoints
+        self.outputs_root = outputs_root
+        self.worker_id = worker_id
+        self.slots = slots
+        self.orphan_timeout = orphan_timeout
+        self.kill_grace = kill_grace
+        self.heartbeat = heartbeat
+        self.ctx = zmq.Context()
+        self.dealer: zmq.Socket[bytes] = self._new_dealer()
+        self.pub: zmq.Socket[bytes] = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.SNDHWM, PUB_HWM)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.connect(endpoints.publish)
+        self.runs: dict[str, Run] = {}
+        self.unacked: dict[str, dict[str, Any]] = {}
+        self.effects_done = 0
+        self.last_heard = time.monotonic()
+        self.last_sent = 0.0
+        self.connected = False
+        self.disconnected_since: float | None = None
+        self.stopping = False
+        self.exit_after_ack = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._capture: dict[int, str] = {}
+        self.base_env = dict(os.environ)
+
+    # ---- sockets --------------------------------------------------------------------------
+
+    def _new_dealer(self) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.connect(self.endpoints.workers)
+        return sock
+
+    def send(self, msg: dict[str, Any]) -> None:
+        try:
+            self.dealer.send(codec.pack(msg), zmq.NOBLOCK)
+            self.last_sent = time.monotonic()
+        except zmq.Again:
+            log.warning("daemon link full; dropped %s message", msg.get("t"))
+
+    def send_ready(self) -> None:
+        self.send({
+            "t": "ready", "proto": PROTOCOL_VERSION, "worker": self.worker_id, "pid": os.getpid(),
+            "slots": self.slots, "effects_done": self.effects_done,
+            "running": [r.running_report() for r in self.runs.values() if r.phase is not Phase.DONE],
+            "finished": list(self.unacked.values()),
+        })
+
+    def publish(self, effect_id: str, attempt: int, chunks: list[Chunk]) -> None:
+        topic = effect_id.encode()
+        for c in chunks:
+            with contextlib.suppress(zmq.Again):
+                self.pub.send_multipart(
+                    [topic, codec.pack(chunk_header(c.stream, c.offset, attempt)), c.data],
+                    zmq.NOBLOCK, copy=len(c.data) < 4096)
+
+    # ---- python output capture ------------------------------------------------------------
+
+    def capture_python_output(self) -> None:
+        """Point fds 1 and 2 at pipes the loop reads, so what a python effect prints (even from C
+        code) is attributed to it. The worker's own log keeps a duplicate of the original stderr."""
+        log_fd = os.dup(2)
+        handler = logging.StreamHandler(os.fdopen(log_fd, "w", buffering=1))
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s worker[{os.getpid()}]: %(message)s"))
+        root = logging.getLogger()
+        root.handlers[:] = [handler]
+        for target, name in ((1, "stdout"), (2, "stderr")):
+            r, w = os.pipe2(os.O_CLOEXEC)
+            os.dup2(w, target)
+            os.close(w)
+            os.set_blocking(r, False)
+            self._capture[r] = name
+
+    def _read_capture(self, fd: int) -> None:
+        try:
+            data = os.read(fd, runners.READ_CHUNK)
+        except BlockingIOError:
+            return
+        if not data:
+            return
+        stream = self._capture[fd]
+        for run in self.runs.values():
+            if isinstance(run, PythonRun) and run.phase is not Phase.DONE:
+                self.publish(run.effect_id, run.attempt, run.feed_output(stream, data))
+                return
+        log.info("stray %s output outside any effect: %r", stream, data[:200])
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    # ---- daemon messages ------------------------------------------------------------------
+
+    def handle(self, raw: bytes) -> None:
+        self.last_heard = time.monotonic()
+        if not self.connected:
+            self.connected = True
+            self.disconnected_since = None
+        try:
+            kind, msg = parse_worker_message(codec.unpack(raw, max_bytes=codec.MAX_WORKER_MESSAGE_BYTES),
+                                             DAEMON_TO_WORKER)
+        except EffectdError as exc:
+            log.error("bad message from daemon: %s", exc)
+            return
+        if kind == "assign":
+            self.assign(msg["id"], msg["attempt"], msg["spec"])
+        elif kind == "cancel":
+            run = self.runs.get(msg["id"])
+            if run is not None:
+                run.stop("cancelled", msg.get("reason") or "cancelled")
+        elif kind == "ack":
+            report = self.unacked.get(msg["id"])
+            if report is not None and report["attempt"] == msg["attempt"]:
+                del self.unacked[msg["id"]]
+            if self.exit_after_ack and not self.unacked and not self.runs:
+                self.stopping = True
+        elif kind == "reset":
+            self.send_ready()
+        elif kind == "stop":
+            self.stopping = True
+            for run in self.runs.values():
+                run.stop("cancelled", msg.get("reason") or "worker_stopped")
+
+    def assign(self, effect_id: str, attempt: int, spec: dict[str, Any]) -> None:
+        if effect_id in self.runs:
+            return  # duplicate assignment (re-sent after a reconnect): already running
+        writer = OutputWriter(self.outputs_root / effect_id,
+                              int(spec.get("max_output_bytes") or DEFAULT_MAX_OUTPUT_BYTES))
+        common: dict[str, Any] = {"kill_grace": self.kill_grace}
+        run: Run
+        kind = spec["kind"]
+        if kind == "shell":
+            run = ShellRun(effect_id, attempt, spec, writer, base_env=self.base_env, **common)
+        elif kind == "python":
+            run = PythonRun(effect_id, attempt, spec, writer, wake=self._wake, **common)
+        else:
+            run = SleepRun(effect_id, attempt, spec, writer, **common)
+        self.runs[effect_id] = run
+        self.send({"t": "started", "id": effect_id, "attempt": attempt, "pid": run.pid,
+                   "create_time": run.create_time, "started_at": run.started_at})
+
+    # ---- loop -----------------------------------------------------------------------------
+
+    def _after_run_step(self, run: Run, chunks: list[Chunk]) -> None:
+        if chunks:
+            self.publish(run.effect_id, run.attempt, chunks)
+        if run.phase is Phase.DONE and run.report is not None:
+            del self.runs[run.effect_id]
+            self.effects_done += 1
+            self.unacked[run.effect_id] = run.report
+            self.send({"t": "finished", **run.report})
+            if isinstance(run, PythonRun) and run.poisons_worker:
+                # The effect's thread may still be running: this worker must not take more work.
+                self.exit_after_ack = True
+
+    def run(self) -> int:
+        become_subreaper()
+        self.send_ready()
+        poller = zmq.Poller()
+        while True:
+            now = time.monotonic()
+            if self.stopping and not self.runs and (not self.unacked or not self.connected):
+                break
+            poller = zmq.Poller()
+            poller.register(self.dealer, zmq.POLLIN)
+            poller.register(self._wake_r, zmq.POLLIN)
+            for fd in self._capture:
+                poller.register(fd, zmq.POLLIN)
+            fd_owner: dict[int, Run] = {}
+            for run in self.runs.values():
+                for fd in run.fds():
+                    fd_owner[fd] = run
+                    poller.register(fd, zmq.POLLIN)
+            deadlines = [d for r in self.runs.values() if (d := r.next_deadline()) is not None]
+            wait = self.heartbeat / 2
+            if deadlines:
+                wait = min(wait, max(0.0, min(deadlines) - now))
+            events = dict(poller.poll(int(wait * 1000) + 1))
+            if self.dealer in events:
+                for _ in range(1000):
+                    try:
+                        raw = self.dealer.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.handle(raw)
+            if self._wake_r in events:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+            for fd in self._capture:
+                if fd in events:
+                    self._read_capture(fd)
+            for fd, run in fd_owner.items():
+                if fd in events and run.effect_id in self.runs:
+                    self._after_run_step(run, run.on_readable(fd))
+            wall = time.time()
+            for run in list(self.runs.values()):
+                if isinstance(run, PythonRun):
+                    chunks, progress = run.drain_events()
+                    for fraction, message in progress:
+                        self.send({"t": "progress", "id": run.effect_id, "attempt": run.attempt,
+                                   "fraction": fraction, "message": message})
+                    self._after_run_step(run, chunks)
+                if run.effect_id in self.runs:
+                    self._after_run_step(run, run.tick(wall))
+            protected: set[int] = set()
+            for run in self.runs.values():
+                if isinstance(run, ShellRun):
+                    protected |= run.protected_pids()
+            reap_orphan_zombies(protected)
+            self._heartbeat(time.monotonic())
+        self.close()
+        return 0
+
+    def _heartbeat(self, now: float) -> None:
+        silent = now - self.last_heard
+        if silent > self.heartbeat * HEARTBEAT_LIVENESS:
+            if self.connected:
+                log.warning("daemon silent for %.1fs; keeping effects running, reconnecting", silent)
+                self.connected = False
+                self.disconnected_since = now
+                # zmq reconnects the transport by itself, but a new daemon does not know us:
+                # a fresh socket plus READY re-registers (and re-reports our effects).
+                self.dealer.setsockopt(zmq.LINGER, 0)
+                self.dealer.close()
+                self.dealer = self._new_dealer()
+            if self.disconnected_since is not None and now - self.disconnected_since > self.orphan_timeout:
+                log.error("no daemon for %.0fs (orphan timeout): killing effects and exiting",
+                          now - self.disconnected_since)
+                self.orphaned()
+                return
+            if now - self.last_sent >= self.heartbeat:
+                self.send_ready()
+            return
+        if now - self.last_sent >= self.heartbeat:
+            self.send({"t": "hb", "effects_done": self.effects_done})
+
+    def orphaned(self) -> None:
+        for run in self.runs.values():
+            run.stop("cancelled", "orphaned")
+        deadline = time.monotonic() + self.kill_grace + 5
+        while self.runs and time.monotonic() < deadline:
+            for run in list(self.runs.values()):
+                run.tick(time.time())
+                if run.phase is Phase.DONE:
+                    del self.runs[run.effect_id]
+            time.sleep(0.05)
+        self.close()
+        os._exit(3)
+
+    def close(self) -> None:
+        self.send({"t": "bye", "reason": "stopping"})
+        self.dealer.close(linger=1000)
+        self.pub.close(linger=0)
+        self.ctx.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="effectd-worker", description="effectd worker (started by effectd)")
+    parser.add_argument("--runtime-dir", required=True, type=Path)
+    parser.add_argument("--outputs", required=True, type=Path)
+    parser.add_argument("--worker-id", default=None)
+    parser.add_argument("--slots", type=int, default=32)
+    parser.add_argument("--orphan-timeout", type=float, default=DEFAULT_ORPHAN_TIMEOUT)
+    parser.add_argument("--kill-grace", type=float, default=5.0)
+    parser.add_argument("--heartbeat", type=float, default=HEARTBEAT_INTERVAL)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper())
+    # Our session is our own (the daemon started us with start_new_session): a Ctrl-C in the
+    # daemon's terminal or a daemon crash does not reach us. SIGTERM ends us after killing effects.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker = Worker(Endpoints.for_runtime(args.runtime_dir), args.outputs,
+                    worker_id=args.worker_id or f"w{os.getpid()}-{uuid.uuid4().hex[:6]}",
+                    slots=args.slots, orphan_timeout=args.orphan_timeout, kill_grace=args.kill_grace,
+                    heartbeat=args.heartbeat)
+
+    def on_term(signum: int, frame: Any) -> None:
+        worker.stopping = True
+        for run in worker.runs.values():
+            run.stop("cancelled", "worker_stopped")
+
+    signal.signal(signal.SIGTERM, on_term)
+    worker.capture_python_output()
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

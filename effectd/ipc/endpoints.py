@@ -1,0 +1,81 @@
+"""Where a daemon lives: runtime dir (sockets, lock), state dir (journal, outputs), endpoints.
+
+Every command and the client resolve directories the same way, so ``EFFECTD_RUNTIME_DIR`` and
+``EFFECTD_STATE_DIR`` isolate daemons from each other (tests run many side by side).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+RUNTIME_ENV = "EFFECTD_RUNTIME_DIR"
+STATE_ENV = "EFFECTD_STATE_DIR"
+
+LOCK_FILE = "effectd.lock"
+"""Held with flock by the running daemon; contains its pid. Taken before binding any socket,
+because a second ipc bind silently steals the endpoint from the first daemon."""
+
+LOG_FILE = "effectd.log"
+"""Log of a daemon started on demand (in the state dir)."""
+
+# Linux sockaddr_un.sun_path is 108 bytes including the NUL.
+MAX_IPC_PATH = 107
+
+
+def runtime_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$EFFECTD_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/effectd``, else ``/tmp/effectd-<uid>``."""
+    env = os.environ if environ is None else environ
+    if env.get(RUNTIME_ENV):
+        return Path(env[RUNTIME_ENV])
+    if env.get("XDG_RUNTIME_DIR"):
+        return Path(env["XDG_RUNTIME_DIR"]) / "effectd"
+    return Path(f"/tmp/effectd-{os.getuid()}")
+
+
+def state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$EFFECTD_STATE_DIR``, else ``$XDG_STATE_HOME/effectd``, else ``~/.local/state/effectd``."""
+    env = os.environ if environ is None else environ
+    if env.get(STATE_ENV):
+        return Path(env[STATE_ENV])
+    if env.get("XDG_STATE_HOME"):
+        return Path(env["XDG_STATE_HOME"]) / "effectd"
+    return Path(env.get("HOME", str(Path.home()))) / ".local" / "state" / "effectd"
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """The four ZeroMQ endpoints of one daemon, all ``ipc://`` files in its runtime dir.
+
+    * ``control`` - ROUTER bound by the daemon; clients connect REQ (or DEALER).
+    * ``stream``  - XPUB bound by the daemon; clients connect SUB, topic = effect id.
+    * ``workers`` - ROUTER bound by the daemon; workers connect DEALER.
+    * ``publish`` - XSUB bound by the daemon; workers connect PUB and publish output chunks.
+    """
+
+    runtime: Path
+    control: str
+    stream: str
+    workers: str
+    publish: str
+
+    @classmethod
+    def for_runtime(cls, runtime: Path) -> Endpoints:
+        def ipc(name: str) -> str:
+            path = str(runtime / name)
+            if len(path.encode()) > MAX_IPC_PATH:
+                raise ValueError(
+                    f"runtime dir {runtime} is too long for an ipc socket path "
+                    f"({len(path.encode())} > {MAX_IPC_PATH} bytes); set {RUNTIME_ENV} to a shorter path"
+                )
+            return f"ipc://{path}"
+
+        return cls(
+            runtime=runtime,
+            control=ipc("control.sock"),
+            stream=ipc("stream.sock"),
+            workers=ipc("workers.sock"),
+            publish=ipc("publish.sock"),
+        )

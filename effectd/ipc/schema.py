@@ -1,0 +1,546 @@
+"""The wire protocol: the one place that defines every message effectd sends or receives.
+
+Control requests (client -> daemon, REQ/ROUTER), their replies, the stream frames published on
+the XPUB socket, and the worker messages (DEALER/ROUTER) are all declared here as tables of
+:class:`Field`. The daemon validates every inbound message against these tables; the client builds
+its requests through :func:`build_request`, so both sides share one definition. docs/protocol.md
+describes the same tables in prose.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from effectd.ipc.errors import BadRequest, UnknownOp, UnsupportedVersion
+
+PROTOCOL_VERSION = 1
+MIN_PROTOCOL_VERSION = 1
+MAX_PROTOCOL_VERSION = 1
+
+CAPABILITIES: tuple[str, ...] = (
+    "submit_many",
+    "wait_first",
+    "read_output",
+    "stream_offsets",
+    "python_generators",
+    "idempotent_submit",
+)
+
+
+class EffectState(str, Enum):
+    """Lifecycle of an effect: ``queued -> running -> <final>``. ``lost`` is the final state of an
+    effect whose worker or daemon disappeared and that was not re-adopted or retried."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+    LOST = "lost"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset(
+    {
+        EffectState.SUCCEEDED,
+        EffectState.FAILED,
+        EffectState.CANCELLED,
+        EffectState.TIMED_OUT,
+        EffectState.LOST,
+    }
+)
+
+
+class EffectKind(str, Enum):
+    SHELL = "shell"
+    PYTHON = "python"
+    SLEEP = "sleep"
+
+
+class Stream(str, Enum):
+    """Streams of one effect. Byte streams carry raw output; ``value`` carries a concatenation of
+    msgpack objects (one per value a python generator yielded); ``event`` carries lifecycle and
+    progress events and has no offsets."""
+
+    STDOUT = "stdout"
+    STDERR = "stderr"
+    VALUE = "value"
+    EVENT = "event"
+
+
+OUTPUT_STREAMS: tuple[str, ...] = (Stream.STDOUT.value, Stream.STDERR.value, Stream.VALUE.value)
+
+ULID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+PYTHON_TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+MAX_IDS_PER_REQUEST = 10_000
+MAX_READ_BYTES = 8 * 1024 * 1024
+DEFAULT_READ_BYTES = 1024 * 1024
+MAX_WAIT_SECONDS = 3600.0
+MAX_LABELS = 64
+MAX_SHORT_STR = 1024
+MAX_COMMAND_LEN = 1024 * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Field tables
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of a message: its wire type and constraints.
+
+    ``type`` is one of ``str``, ``int``, ``num`` (int or float, finite), ``bool``, ``list``,
+    ``map``, ``bin``, ``id`` (an effect id), ``any`` (msgpack-able, unchecked shape).
+    ``items`` is the element type of a list or the value type of a map (map keys are strings).
+    """
+
+    name: str
+    type: str
+    required: bool = False
+    default: Any = None
+    items: str | None = None
+    min: float | None = None
+    max: float | None = None
+    max_len: int | None = None
+    choices: tuple[str, ...] | None = None
+    doc: str = ""
+
+
+def _type_ok(kind: str, value: Any) -> bool:
+    if kind == "str" or kind == "id":
+        return isinstance(value, str)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "num":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "list":
+        return isinstance(value, list)
+    if kind == "map":
+        return isinstance(value, dict)
+    if kind == "bin":
+        return isinstance(value, (bytes, bytearray))
+    return kind == "any"
+
+
+_TYPE_NAMES = {
+    "str": "a string",
+    "id": "an effect id",
+    "int": "an integer",
+    "num": "a number",
+    "bool": "a boolean",
+    "list": "an array",
+    "map": "a map",
+    "bin": "binary data",
+    "any": "a value",
+}
+
+
+def _check_scalar(where: str, kind: str, value: Any, f: Field) -> Any:
+    if not _type_ok(kind, value):
+        raise BadRequest(f"{where}: expected {_TYPE_NAMES[kind]}, got {type(value).__name__}")
+    if kind == "num" and isinstance(value, float) and not math.isfinite(value):
+        raise BadRequest(f"{where}: must be a finite number")
+    if kind in ("int", "num"):
+        if f.min is not None and value < f.min:
+            raise BadRequest(f"{where}: must be >= {f.min:g}")
+        if f.max is not None and value > f.max:
+            raise BadRequest(f"{where}: must be <= {f.max:g}")
+    if kind == "id" and not ULID_RE.match(value):
+        raise BadRequest(f"{where}: {value[:40]!r} is not an effect id (26-character ULID)")
+    if kind == "str":
+        limit = f.max_len if f.max_len is not None else MAX_SHORT_STR
+        if len(value) > limit:
+            raise BadRequest(f"{where}: longer than {limit} characters")
+        if f.choices is not None and value not in f.choices:
+            raise BadRequest(f"{where}: must be one of {', '.join(f.choices)}")
+    return value
+
+
+def check_field(f: Field, value: Any, where: str | None = None) -> Any:
+    """Validate one value against its field; returns the value. Raises BadRequest naming it."""
+    where = where or f.name
+    if f.type == "list":
+        if not isinstance(value, list):
+            raise BadRequest(f"{where}: expected an array, got {type(value).__name__}")
+        limit = f.max_len if f.max_len is not None else MAX_IDS_PER_REQUEST
+        if len(value) > limit:
+            raise BadRequest(f"{where}: more than {limit} items")
+        if f.min is not None and len(value) < f.min:
+            raise BadRequest(f"{where}: needs at least {int(f.min)} item(s)")
+        if f.items and f.items != "any":
+            for i, item in enumerate(value):
+                _check_scalar(f"{where}[{i}]", f.items, item, f)
+        return value
+    if f.type == "map":
+        if not isinstance(value, dict):
+            raise BadRequest(f"{where}: expected a map, got {type(value).__name__}")
+        if f.max_len is not None and len(value) > f.max_len:
+            raise BadRequest(f"{where}: more than {f.max_len} entries")
+        if f.items and f.items != "any":
+            for key, item in value.items():
+                if len(key) > MAX_SHORT_STR:
+                    raise BadRequest(f"{where}: key longer than {MAX_SHORT_STR} characters")
+                _check_scalar(f"{where}.{key}", f.items, item, Field(key, f.items, max_len=f.max_len and MAX_COMMAND_LEN))
+        return value
+    return _check_scalar(where, f.type, value, f)
+
+
+def check_fields(
+    fields: tuple[Field, ...], msg: Mapping[str, Any], *, where: str = "", known: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """Validate ``msg`` against ``fields``; unknown keys are refused (except those in ``known``).
+
+    Returns a dict with every declared field (defaults filled in)."""
+    out: dict[str, Any] = {}
+    declared = {f.name for f in fields}
+    for key in msg:
+        if key not in declared and key not in known:
+            raise BadRequest(f"{where}{key}: unknown field")
+    for f in fields:
+        value = msg.get(f.name)
+        if value is None:
+            if f.required:
+                raise BadRequest(f"{where}{f.name}: required field missing")
+            out[f.name] = f.default() if callable(f.default) else f.default
+            continue
+        out[f.name] = check_field(f, value, where + f.name)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Effect specification (the body of ``submit``)
+
+EFFECT_FIELDS: tuple[Field, ...] = (
+    Field("kind", "str", required=True, choices=tuple(k.value for k in EffectKind),
+          doc="shell | python | sleep"),
+    Field("argv", "list", items="str", min=1, max_len=100_000,
+          doc="shell: program and arguments, executed directly"),
+    Field("command", "str", max_len=MAX_COMMAND_LEN, doc="shell: a string run with /bin/sh -c"),
+    Field("cwd", "str", max_len=4096, doc="shell/python: working directory (default: the daemon's)"),
+    Field("env", "map", items="str", max_len=10_000,
+          doc="shell: the complete environment of the child (default: the daemon's)"),
+    Field("target", "str", max_len=4096, doc='python: "package.module:function"'),
+    Field("args", "list", items="any", max_len=100_000, doc="python: positional arguments"),
+    Field("kwargs", "map", items="any", max_len=100_000, doc="python: keyword arguments"),
+    Field("seconds", "num", min=0, max=10 * 365 * 86400, doc="sleep: duration"),
+    Field("name", "str", max_len=256, doc="free-form name"),
+    Field("labels", "map", items="str", max_len=MAX_LABELS, doc="string -> string labels"),
+    Field("timeout", "num", min=0.001, max=10 * 365 * 86400, doc="seconds; exceeded -> timed_out"),
+    Field("retries", "int", min=0, max=100, default=0, doc="extra attempts after failure"),
+    Field("retry_backoff", "num", min=0, max=3600, default=1.0, doc="initial backoff seconds"),
+    Field("priority", "int", min=-1_000_000, max=1_000_000, default=0, doc="higher runs first"),
+    Field("group", "str", max_len=128, doc="scheduling group (per-group parallel limit)"),
+    Field("after", "list", items="id", max_len=1000, doc="run only after these succeeded"),
+    Field("after_any_outcome", "bool", default=False, doc="with after: run whatever their outcome"),
+    Field("stdin_from", "id", doc="shell: feed stdin from this effect's stdout"),
+    Field("max_output_bytes", "int", min=1024, max=1 << 40,
+          doc="cap per output stream; head and tail kept, middle replaced by a marker"),
+    Field("rlimits", "map", items="int", max_len=8, doc="as | cpu | nofile -> limit, set before exec"),
+)
+
+_EFFECT_FIELD_NAMES = {f.name for f in EFFECT_FIELDS}
+RLIMIT_NAMES = ("as", "cpu", "nofile")
+
+
+def check_effect_spec(spec: Any, where: str = "effect.") -> dict[str, Any]:
+    """Validate one effect specification, including the rules that tie fields to its kind."""
+    if not isinstance(spec, dict):
+        raise BadRequest(f"{where.rstrip('.')}: expected a map")
+    out = check_fields(EFFECT_FIELDS, spec, where=where)
+    kind = out["kind"]
+    given = {k for k, v in spec.items() if v is not None}
+    allowed_by_kind = {
+        "shell": {"argv", "command", "cwd", "env", "stdin_from", "rlimits"},
+        "python": {"target", "args", "kwargs", "cwd"},
+        "sleep": {"seconds"},
+    }
+    specific = {"argv", "command", "cwd", "env", "target", "args", "kwargs", "seconds", "stdin_from",
+                "rlimits"}
+    stray = (given & specific) - allowed_by_kind[kind]
+    if stray:
+        raise BadRequest(f"{where}{sorted(stray)[0]}: not valid for kind {kind}")
+    if kind == "shell" and (out["argv"] is None) == (out["command"] is None):
+        raise BadRequest(f"{where}argv: a shell effect needs exactly one of argv or command")
+    if kind == "python":
+        if out["target"] is None:
+            raise BadRequest(f"{where}target: required for kind python")
+        if not PYTHON_TARGET_RE.match(out["target"]):
+            raise BadRequest(f'{where}target: must look like "package.module:function"')
+    if kind == "sleep" and out["seconds"] is None:
+        raise BadRequest(f"{where}seconds: required for kind sleep")
+    if out["rlimits"]:
+        for key in out["rlimits"]:
+            if key not in RLIMIT_NAMES:
+                raise BadRequest(f"{where}rlimits.{key}: must be one of {', '.join(RLIMIT_NAMES)}")
+    if out["after"] and out["stdin_from"] and out["stdin_from"] in out["after"]:
+        pass  # allowed: waiting for completion and reading its output are compatible
+    return {k: v for k, v in out.items() if v is not None and k in _EFFECT_FIELD_NAMES}
+
+
+# --------------------------------------------------------------------------------------------
+# Control requests
+
+REQUEST_ENVELOPE: tuple[Field, ...] = (
+    Field("v", "int", required=True, min=0, max=1 << 31, doc="protocol version of the sender"),
+    Field("rid", "any", doc="request id (string up to 128 chars or integer), echoed in the reply"),
+    Field("op", "str", required=True, max_len=64, doc="operation name"),
+)
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    fields: tuple[Field, ...]
+    doc: str
+    mutating: bool = False
+
+
+_IDS = Field("ids", "list", required=True, items="id", min=1, doc="effect ids")
+
+OPS: dict[str, OpSpec] = {
+    op.name: op
+    for op in (
+        OpSpec("hello", (Field("client", "str", max_len=256, doc="client name/version"),),
+               "version negotiation, daemon identity and counts"),
+        OpSpec("submit", (Field("effect", "map", required=True, doc="effect specification"),
+                          Field("request_key", "str", max_len=128,
+                                doc="idempotency key: a retry with the same key returns the same id")),
+               "journal one effect; answered after the commit", mutating=True),
+        OpSpec("submit_many", (Field("effects", "list", required=True, items="map", min=1, max_len=10_000),
+                               Field("request_key", "str", max_len=128)),
+               "journal several effects atomically", mutating=True),
+        OpSpec("status", (_IDS,), "records of one or many effects"),
+        OpSpec("list", (Field("states", "list", items="str", max_len=16),
+                        Field("labels", "map", items="str", max_len=MAX_LABELS),
+                        Field("name", "str", max_len=256),
+                        Field("limit", "int", min=1, max=10_000, default=100),
+                        Field("before", "id", doc="only effects older than this id (paging)")),
+               "records, newest first"),
+        OpSpec("wait", (_IDS,
+                        Field("timeout", "num", min=0, max=MAX_WAIT_SECONDS, default=30.0),
+                        Field("return_when", "str", choices=("all", "first"), default="all")),
+               "parked until the effects are final (or the first is), or the timeout"),
+        OpSpec("result", (Field("id", "id", required=True),), "the outcome of a final effect"),
+        OpSpec("cancel", (_IDS, Field("reason", "str", max_len=256)),
+               "cancel queued or running effects", mutating=True),
+        OpSpec("read_output", (Field("id", "id", required=True),
+                               Field("stream", "str", required=True, choices=OUTPUT_STREAMS),
+                               Field("offset", "int", min=0, max=1 << 62, default=0),
+                               Field("max_bytes", "int", min=1, max=MAX_READ_BYTES,
+                                     default=DEFAULT_READ_BYTES)),
+               "stored output bytes from an offset"),
+        OpSpec("shutdown", (Field("drain", "bool", default=True,
+                                  doc="let running effects finish up to the drain timeout"),),
+               "stop the daemon", mutating=True),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    op: str
+    id: Any
+    version: int
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+def request_id_of(msg: Any) -> Any:
+    """The request id to echo, if one can be recovered from a (possibly invalid) message."""
+    if isinstance(msg, dict):
+        rid = msg.get("rid")
+        if isinstance(rid, int) and not isinstance(rid, bool) and abs(rid) < (1 << 63):
+            return rid
+        if isinstance(rid, str) and len(rid) <= 128:
+            return rid
+    return None
+
+
+def parse_request(msg: Any) -> Request:
+    """Validate a decoded control message. Raises BadRequest / UnknownOp / UnsupportedVersion."""
+    if not isinstance(msg, dict):
+        raise BadRequest(f"a request must be a map, got {type(msg).__name__}")
+    rid = msg.get("rid")
+    if rid is not None and request_id_of(msg) is None:
+        raise BadRequest("rid: must be a string of at most 128 characters or an integer")
+    env_names = frozenset(f.name for f in REQUEST_ENVELOPE)
+    env = check_fields(REQUEST_ENVELOPE, {k: v for k, v in msg.items() if k in env_names})
+    version = env["v"]
+    if not MIN_PROTOCOL_VERSION <= version <= MAX_PROTOCOL_VERSION:
+        raise UnsupportedVersion(
+            f"protocol version {version} is not supported; this daemon speaks "
+            f"{MIN_PROTOCOL_VERSION}..{MAX_PROTOCOL_VERSION}"
+        )
+    spec = OPS.get(env["op"])
+    if spec is None:
+        raise UnknownOp(f"unknown op {env['op'][:64]!r}; known: {', '.join(sorted(OPS))}")
+    args = check_fields(spec.fields, msg, known=env_names)
+    if spec.name == "submit":
+        args["effect"] = check_effect_spec(args["effect"])
+    elif spec.name == "submit_many":
+        args["effects"] = [check_effect_spec(e, f"effects[{i}].") for i, e in enumerate(args["effects"])]
+    elif spec.name == "list" and args["states"]:
+        valid = {s.value for s in EffectState}
+        for s in args["states"]:
+            if s not in valid:
+                raise BadRequest(f"states: {s[:32]!r} is not a state ({', '.join(sorted(valid))})")
+    return Request(op=spec.name, id=rid, version=version, args=args)
+
+
+def build_request(op: str, request_id: Any, **args: Any) -> dict[str, Any]:
+    """Build (and validate, so mistakes surface at the caller) a control request."""
+    msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "rid": request_id, "op": op}
+    msg.update({k: v for k, v in args.items() if v is not None})
+    parse_request(msg)
+    return msg
+
+
+def ok_reply(request_id: Any, **fields: Any) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "rid": request_id, "ok": True, **fields}
+
+
+def error_reply(request_id: Any, code: str, message: str) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "rid": request_id, "ok": False,
+            "error": {"code": code, "message": message}}
+
+
+# --------------------------------------------------------------------------------------------
+# Stream frames (XPUB): [topic, header, data]
+#
+# topic  = effect id as ASCII bytes (subscribe to one id, or to b"" for every effect)
+# header = msgpack map, see CHUNK_HEADER / EVENT_HEADER
+# data   = raw bytes of the chunk (empty for events)
+
+CHUNK_HEADER: tuple[Field, ...] = (
+    Field("stream", "str", required=True, choices=OUTPUT_STREAMS),
+    Field("offset", "int", required=True, min=0, doc="byte offset of data[0] within the stream"),
+    Field("attempt", "int", min=1, doc="attempt that wrote the chunk"),
+)
+
+EVENT_TYPES = ("started", "finished", "progress", "subscribed")
+EVENT_HEADER: tuple[Field, ...] = (
+    Field("stream", "str", required=True, choices=("event",)),
+    Field("event", "str", required=True, choices=EVENT_TYPES),
+    Field("state", "str"),
+    Field("attempt", "int"),
+    Field("sizes", "map", items="int", doc="finished: final size of each output stream"),
+    Field("fraction", "num"),
+    Field("message", "str", max_len=4096),
+    Field("time", "num"),
+)
+
+
+def chunk_header(stream: str, offset: int, attempt: int) -> dict[str, Any]:
+    return {"stream": stream, "offset": offset, "attempt": attempt}
+
+
+def event_header(event: str, **fields: Any) -> dict[str, Any]:
+    return {"stream": "event", "event": event, **{k: v for k, v in fields.items() if v is not None}}
+
+
+# --------------------------------------------------------------------------------------------
+# Worker <-> daemon messages (DEALER/ROUTER, one msgpack map per message, key "t" = type)
+
+WORKER_EFFECT_REPORT: tuple[Field, ...] = (
+    Field("id", "id", required=True),
+    Field("attempt", "int", required=True, min=1),
+    Field("pid", "int"),
+    Field("create_time", "num"),
+    Field("sizes", "map", items="int"),
+)
+
+FINISH_FIELDS: tuple[Field, ...] = (
+    Field("id", "id", required=True),
+    Field("attempt", "int", required=True, min=1),
+    Field("state", "str", required=True,
+          choices=("succeeded", "failed", "cancelled", "timed_out")),
+    Field("reason", "str", max_len=256),
+    Field("exit_code", "int"),
+    Field("signal", "int"),
+    Field("result", "any"),
+    Field("error", "map", items="any"),
+    Field("sizes", "map", items="int"),
+    Field("truncated", "map", items="int"),
+    Field("finished_at", "num"),
+    Field("started_at", "num"),
+)
+
+WORKER_TO_DAEMON: dict[str, tuple[Field, ...]] = {
+    "ready": (
+        Field("proto", "int", required=True),
+        Field("worker", "str", required=True, max_len=64),
+        Field("pid", "int", required=True),
+        Field("create_time", "num"),
+        Field("slots", "int", required=True, min=1),
+        Field("running", "list", items="map", doc="effects it still runs (re-adoption)"),
+        Field("finished", "list", items="map", doc="completions not yet acknowledged"),
+        Field("effects_done", "int", default=0),
+    ),
+    "hb": (Field("rss", "int"), Field("effects_done", "int")),
+    "started": (
+        Field("id", "id", required=True),
+        Field("attempt", "int", required=True, min=1),
+        Field("pid", "int"),
+        Field("create_time", "num"),
+        Field("started_at", "num"),
+    ),
+    "finished": FINISH_FIELDS,
+    "progress": (
+        Field("id", "id", required=True),
+        Field("attempt", "int", required=True, min=1),
+        Field("fraction", "num"),
+        Field("message", "str", max_len=4096),
+    ),
+    "bye": (Field("reason", "str"),),
+}
+
+DAEMON_TO_WORKER: dict[str, tuple[Field, ...]] = {
+    "assign": (
+        Field("id", "id", required=True),
+        Field("attempt", "int", required=True),
+        Field("spec", "map", required=True, items="any"),
+    ),
+    "cancel": (Field("id", "id", required=True), Field("reason", "str")),
+    "ack": (Field("id", "id", required=True), Field("attempt", "int", required=True)),
+    "hb": (),
+    "welcome": (Field("instance", "str"),),
+    "reset": (),
+    "stop": (Field("reason", "str"),),
+}
+
+
+def parse_worker_message(msg: Any, table: Mapping[str, tuple[Field, ...]]) -> tuple[str, dict[str, Any]]:
+    """Validate a worker<->daemon message against ``table``; returns (type, fields)."""
+    if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
+        raise BadRequest("worker message must be a map with a string 't'")
+    fields = table.get(msg["t"])
+    if fields is None:
+        raise UnknownOp(f"unknown worker message type {msg['t'][:32]!r}")
+    return msg["t"], check_fields(fields, msg, known=frozenset({"t"}))
+
+
+def check_finish(report: Any) -> dict[str, Any]:
+    """Validate one completion report (inside ``finished`` or a ``ready``'s ``finished`` list)."""
+    if not isinstance(report, dict):
+        raise BadRequest("completion report must be a map")
+    return check_fields(FINISH_FIELDS, report)
+
+
+def check_running_report(report: Any) -> dict[str, Any]:
+    if not isinstance(report, dict):
+        raise BadRequest("running report must be a map")
+    return check_fields(WORKER_EFFECT_REPORT, report)
+
+
+Validator = Callable[[Any], dict[str, Any]]
