@@ -1,0 +1,66 @@
+"""Exact streams from a lossy PUB: the offset bookkeeping shared by the sync and async clients.
+
+The follower subscribes first, then reads what is stored (``read_output``), then applies live
+chunks: a chunk entirely before the expected offset is a duplicate and is dropped; one that
+starts after it reveals a gap, which is filled from the store before the chunk is used. The
+stream ends when the effect is final and every stream has been read to its final size. This is
+the zguide's Clone pattern with the output files as the snapshot (see docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from effectd.client.records import Chunk
+
+
+@dataclass
+class Follower:
+    streams: tuple[str, ...]
+    expected: dict[str, int] = field(default_factory=dict)
+    final_sizes: dict[str, int] | None = None
+    gaps_filled: int = 0
+    duplicates: int = 0
+
+    @classmethod
+    def start(cls, streams: Iterable[str], from_offset: int = 0) -> Follower:
+        s = tuple(streams)
+        return cls(streams=s, expected={name: from_offset for name in s})
+
+    def accept(self, chunk: Chunk) -> tuple[Chunk | None, tuple[str, int, int] | None]:
+        """Classify a live chunk. Returns (part to deliver now, gap to fill first as
+        (stream, start, end)). When a gap is returned, fill it, then call ``accept`` again."""
+        exp = self.expected.get(chunk.stream)
+        if exp is None:
+            return None, None
+        end = chunk.offset + len(chunk.data)
+        if end <= exp:
+            self.duplicates += 1
+            return None, None
+        if chunk.offset > exp:
+            return None, (chunk.stream, exp, chunk.offset)
+        part = chunk.data[exp - chunk.offset:]
+        self.expected[chunk.stream] = end
+        return Chunk(chunk.stream, exp, part), None
+
+    def stored(self, stream: str, offset: int, data: bytes) -> Chunk | None:
+        """Apply bytes read from the store at ``offset``."""
+        exp = self.expected.get(stream)
+        if exp is None or not data:
+            return None
+        end = offset + len(data)
+        if end <= exp or offset > exp:
+            return None
+        part = data[exp - offset:]
+        self.expected[stream] = end
+        return Chunk(stream, exp, part)
+
+    def finished(self, sizes: dict[str, int]) -> None:
+        self.final_sizes = {s: sizes.get(s, 0) for s in self.streams}
+
+    @property
+    def complete(self) -> bool:
+        if self.final_sizes is None:
+            return False
+        return all(self.expected[s] >= self.final_sizes[s] for s in self.streams)

@@ -1,0 +1,78 @@
+"""The client's REQ channel with Lazy Pirate reliability.
+
+A request waits for its reply with a timeout. On timeout the REQ socket is closed (linger 0) and
+reopened, and the *same* request (same ``rid``; mutating requests also carry an idempotency key)
+is sent again, up to ``retries`` times; then :class:`DaemonUnavailable`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any
+
+import zmq
+
+from effectd.ipc import codec
+from effectd.ipc.errors import DaemonUnavailable, EffectdError, error_from_wire
+
+
+class ReqChannel:
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str, *, timeout: float, retries: int) -> None:
+        self.ctx = ctx
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.retries = retries
+        self._sock: zmq.Socket[bytes] | None = None
+        self._counter = itertools.count(1)
+        self._prefix = f"{os.getpid()}-{os.urandom(3).hex()}-"
+
+    def next_rid(self) -> str:
+        return f"{self._prefix}{next(self._counter)}"
+
+    def _socket(self) -> zmq.Socket[bytes]:
+        if self._sock is None:
+            sock: zmq.Socket[bytes] = self.ctx.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.connect(self.endpoint)
+            self._sock = sock
+        return self._sock
+
+    def reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def call(self, msg: dict[str, Any], *, timeout: float | None = None, retries: int | None = None) -> dict[str, Any]:
+        """Send ``msg`` and return the ``ok`` reply, raising the mapped exception on errors."""
+        data = codec.pack(msg)
+        wait = self.timeout if timeout is None else timeout
+        attempts = 1 + (self.retries if retries is None else retries)
+        for _ in range(attempts):
+            sock = self._socket()
+            try:
+                sock.send(data, zmq.NOBLOCK)
+            except zmq.Again:
+                # IMMEDIATE: no connected daemon yet; wait for one as if the reply was late.
+                if not sock.poll(int(wait * 1000), zmq.POLLOUT):
+                    self.reset()
+                    continue
+                sock.send(data, zmq.NOBLOCK)
+            if sock.poll(int(wait * 1000), zmq.POLLIN):
+                reply = codec.unpack(sock.recv(), max_bytes=codec.MAX_WORKER_MESSAGE_BYTES)
+                if not isinstance(reply, dict):
+                    raise EffectdError("daemon sent a reply that is not a map")
+                if reply.get("rid") != msg.get("rid"):
+                    self.reset()  # a stale reply to an earlier request: resynchronise
+                    continue
+                if reply.get("ok"):
+                    return reply
+                err = reply.get("error") or {}
+                raise error_from_wire(str(err.get("code", "internal")), str(err.get("message", "")))
+            self.reset()
+        raise DaemonUnavailable(f"no reply from effectd at {self.endpoint} after {attempts} attempt(s) "
+                                f"of {wait:.1f}s")
+
+    def close(self) -> None:
+        self.reset()
