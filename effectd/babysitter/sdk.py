@@ -24,7 +24,8 @@ against ``--runs-dir`` / ``$BABYSITTER_RUNS_DIR`` / ``.a5c/runs``)
     pretty-printed JSON object; exit 0 for every outcome including ``failed``, exit 1 (message on
     stderr, ``[run:iterate] Error: ...``) only when it throws, e.g. ``run.lock`` still held after
     its wait. ``console.log`` output of the process itself lands on stdout *before* the JSON.
-    Takes about 0.33 s here (2-core machine; Node start + SDK import + replay).
+    Takes 0.33-0.42 s here (2-core machine, some load; Node start + SDK import ~0.3 s of it,
+    measured with a small process and 3 pending effects).
 
     * waiting: ``{"iteration", "iterationCount", "status": "waiting", "action": "none",
       "reason": "shell-pending" | "sleep-waiting" | "mixed-pending:<kinds,sorted>" | ...,
@@ -65,7 +66,7 @@ against ``--runs-dir`` / ``$BABYSITTER_RUNS_DIR`` / ``.a5c/runs``)
     (status=resolved_ok)`` (a second post of the same effect), or ``run.lock already held by pid N
     (owner)`` after its wait (~10 s: 40 x 250 ms). Failures print nothing on stdout; the message
     goes to stderr (as a JSON object ``{"name", "message", ...}`` for thrown errors).
-    Takes about 0.35 s here.
+    Takes 0.29-0.35 s here (run:create ~0.39 s, ``--version`` ~0.3 s).
 
 ``run.lock``: ``{"pid", "owner", "acquiredAt"}``, created exclusively by run:create, run:iterate
 (for the whole replay) and task:post; a waiter retries for ~10 s, then fails; a lock whose pid is

@@ -17,8 +17,11 @@ Import them from ``tests/conftest.py``::
   ``node_modules`` symlink to the SDK's, so their ``import ... from "@a5c-ai/babysitter-sdk"``
   resolves; runs go to ``tmp_path/babysitter/runs/``.
 
-Process files here: ``parallel_three`` (a), ``two_phase`` (b), ``failing_shell`` (c),
-``two_phase_pipelined`` (an SDK limitation, see its header).
+Process files here (each says what it does in its header): ``parallel_three`` (a: three
+parallel shell tasks, 0.2/1/2 s), ``two_phase`` (b: two branches, phase 1 then phase 2, one
+``ctx.parallel.all`` per phase), ``failing_shell`` (c: exit 3, inspected by the process),
+``two_phase_pipelined`` (pins an SDK 0.0.187 limitation), ``sleep_until`` (``ctx.sleepUntil``)
+and ``node_task`` (``nodeTask``).
 """
 
 from __future__ import annotations
