@@ -33,8 +33,9 @@ against ``--runs-dir`` / ``$BABYSITTER_RUNS_DIR`` / ``.a5c/runs``)
       Each action: ``{"effectId" (ULID), "invocationKey" ("<processId>:S000001:<taskId>"), "kind",
       "label", "labels"?, "taskDef", "taskId", "stepId" ("S000001"...), "taskDefRef"
       ("tasks/<effectId>/task.json"), "requestedAt" (ISO), "schedulerHints"}``. ``label`` is the
-      ``ctx.task(..., {label})`` option, else the taskDef ``title``, else the task id; ``labels``
-      appears only when a label was given. ``schedulerHints`` = ``{"pendingCount": n}`` plus
+      ``ctx.task(..., {label})`` option, else the first of the taskDef's ``labels``, else its
+      ``title``, else the task id; ``labels`` (invocation label + taskDef labels) appears only
+      when there is one. ``schedulerHints`` = ``{"pendingCount": n}`` plus
       ``"parallelGroupId"`` (16 hex) when one ``ctx.parallel.all`` batch holds >1 action, plus
       ``"sleepUntilEpochMs"`` for sleep effects. ``taskDef`` is the builder's output for an effect
       requested in this very iteration, but the stored ``task.json`` (keys sorted, plus
