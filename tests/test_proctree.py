@@ -31,7 +31,6 @@ from effectd.daemon.proctree import (
     EFFECT_MARKER_ENV,
     ProcessIdentity,
     TreeKill,
-    become_subreaper,
     effect_processes,
     identity_of,
     is_alive,
@@ -260,7 +259,6 @@ def test_become_subreaper_in_a_fresh_process() -> None:
         [sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["False", "True", "True"]
-    assert callable(become_subreaper)
 
 
 def test_identity_of_and_is_alive(effects: Effects, tmp_path: Path) -> None:
@@ -301,19 +299,19 @@ def test_treekill_is_two_phase_and_never_blocks(effects: Effects, tmp_path: Path
     tk = TreeKill(eid, root, grace=GRACE, protected_pids=lambda: {p.pid})
     t0 = time.monotonic()
     tk.start()
-    assert time.monotonic() - t0 < 0.3
+    assert time.monotonic() - t0 < 0.5
     assert tk.deadline is not None and abs(tk.deadline - (t0 + GRACE)) < 0.3
     wait_events(ev, 1, "term")  # SIGTERM was delivered, and ignored
 
     a = time.monotonic()
     assert tk.poll(tk.deadline - 0.01) is False  # inside the grace: no SIGKILL yet
-    assert time.monotonic() - a < 0.3
+    assert time.monotonic() - a < 0.5
     assert is_alive(root) and not tk.killed and not tk.done
     assert root in tk.seen
 
     a = time.monotonic()
     tk.poll(tk.deadline + 0.01)  # grace over: SIGKILL
-    assert time.monotonic() - a < 0.3
+    assert time.monotonic() - a < 0.5
     assert tk.killed
     # The root is protected: its exit status is left for our Popen object.
     assert p.wait(timeout=5) == -signal.SIGKILL
@@ -428,7 +426,7 @@ def test_forked_grandchildren_are_all_killed(
     assert res["done"] and res["killed"]  # stubborn grandchildren needed SIGKILL
     assert res["elapsed"] >= GRACE
     assert not any(res["polls_before_deadline"])
-    assert res["start_s"] < 0.25 and res["max_poll"] < 0.25  # never blocks the loop
+    assert res["start_s"] < 0.5 and res["max_poll"] < 0.5  # never blocks the loop
     seen = {ProcessIdentity(pid, ct) for pid, ct in res["seen"]}
     assert set(recorded) <= seen
     assert_all_dead(list(seen))

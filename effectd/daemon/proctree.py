@@ -76,7 +76,6 @@ Limitations
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import select
 import signal
@@ -136,10 +135,14 @@ def _libc_prctl() -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        prctl = libc.prctl
+        # The interpreter is linked against libc, so its own symbol table has
+        # prctl; this avoids ctypes.util.find_library, which spawns ldconfig.
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return None
+        try:
+            prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+        except (OSError, AttributeError):
+            return None
     prctl.restype = ctypes.c_int
     return prctl
 
@@ -363,11 +366,18 @@ def _snapshot() -> _Snapshot:
     return _Snapshot(entries, children)
 
 
-def _has_marker(proc: psutil.Process, effect_id: str) -> bool:
+def _has_marker(proc: psutil.Process, effect_id: str) -> bool | None:
+    """Whether ``proc`` carries the marker; ``None`` when that cannot be known now.
+
+    An empty environment is reported as unknown: besides ``env -i`` it is what
+    a process in the middle of ``execve`` shows, so it must not be cached.
+    """
     try:
         env = proc.environ()
     except (psutil.Error, OSError, ValueError):
-        return False
+        return None
+    if not env:
+        return None
     return bool(env.get(EFFECT_MARKER_ENV) == effect_id)
 
 
@@ -451,7 +461,10 @@ def _collect(
             hit = marker_cache.get(ident)
         if hit is None:
             hit = _has_marker(entry.proc, effect_id)
-            if marker_cache is not None and ident is not None:
+            # Only definite answers are cached: the environment shown by /proc
+            # changes only on execve, which keeps the identity, and an effect
+            # process stays one after exec'ing with a different environment.
+            if marker_cache is not None and ident is not None and hit is not None:
                 marker_cache[ident] = hit
         if hit:
             add_tree(pid)
@@ -563,6 +576,11 @@ class TreeKill:
     returning ``False`` until everything is gone.  Every call also reaps
     zombie children of this process that are not in ``protected_pids()``.
     Neither method sleeps.
+
+    ``protected_pids`` must return every pid the caller still holds a
+    ``Popen`` for (typically all of the worker's live effect roots, not only
+    this effect's): reaping those here would make ``Popen`` report exit
+    status 0 instead of the real one.
     """
 
     def __init__(
@@ -739,7 +757,9 @@ def kill_tree(
     ``psutil.wait_procs`` (short slices, so newly forked processes are picked
     up).  Processes in ``protected_pids()`` are never waited on that way since
     psutil would reap them; they are watched through pidfds instead.  Returns
-    ``False`` if something is still alive after ``timeout`` seconds.
+    ``False`` if something is still alive after ``timeout`` seconds.  As for
+    :class:`TreeKill`, pass ``protected_pids`` when the caller holds ``Popen``
+    objects for children of this process.
     """
     tk = TreeKill(effect_id, root, grace, protected_pids)
     end = time.monotonic() + max(0.0, timeout)
