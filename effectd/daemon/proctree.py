@@ -503,7 +503,8 @@ def effect_processes(
     their subreaper); members of the session/process group led by the root
     (when the root is alive and leads one, or ``leader_pid`` -- which the
     caller must have verified -- is given); and the descendants of all of
-    those.  Parents come before their children in the result.
+    those.  Within each subtree found, parents come before their children
+    (so killing in order stops forkers before their offspring).
 
     Skips zombies, pid <= 1, this process and its ancestors, and tolerates
     processes vanishing or denying access during the scan.  See the module
