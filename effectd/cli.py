@@ -1,0 +1,453 @@
+"""``effectctl``: submit effects, watch them, and manage the daemon.
+
+Exit codes: 0 success; ``run`` exits with the effect's own exit code (128+N if killed by signal
+N, 124 if timed out, 130 if cancelled, 125 if it could not start or was lost); 1 an effect that
+was waited for did not succeed, or another error; 2 usage; 3 daemon unavailable; 4 not found;
+5 invalid state (e.g. result of a running effect).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+if TYPE_CHECKING:
+    from effectd.client import Client, EffectRecord
+
+EXIT_FAILED = 1
+EXIT_UNAVAILABLE = 3
+EXIT_NOT_FOUND = 4
+EXIT_INVALID_STATE = 5
+EXIT_TIMED_OUT = 124
+EXIT_NOT_STARTED = 125
+EXIT_CANCELLED = 130
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _client(autostart: bool = True) -> Client:
+    from effectd.client import Client
+
+    return Client(autostart=autostart)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"effectctl: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(func: F) -> F:
+    """Map effectd exceptions to messages and documented exit codes."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from effectd.ipc.errors import DaemonUnavailable, EffectdError, InvalidState, NotFound, Unavailable
+
+        try:
+            return func(*args, **kwargs)
+        except NotFound as exc:
+            _fail(exc.message, EXIT_NOT_FOUND)
+        except InvalidState as exc:
+            _fail(exc.message, EXIT_INVALID_STATE)
+        except (DaemonUnavailable, Unavailable) as exc:
+            _fail(str(exc), EXIT_UNAVAILABLE)
+        except EffectdError as exc:
+            _fail(str(exc), EXIT_FAILED)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _json_out(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def _pairs(values: Sequence[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=what)
+        out[key] = value
+    return out
+
+
+def effect_options(func: F) -> F:
+    """Options every submitting command shares."""
+    opts = [
+        click.option("--name", help="A name for the effect."),
+        click.option("--label", "labels", multiple=True, metavar="K=V", help="Label (repeatable)."),
+        click.option("--cwd", type=click.Path(file_okay=False), help="Working directory (default: current)."),
+        click.option("--env", "envs", multiple=True, metavar="K=V", help="Extra environment variable (repeatable)."),
+        click.option("--timeout", type=float, help="Seconds before it is killed and marked timed_out."),
+        click.option("--retries", type=int, help="Extra attempts after failed/timed_out/lost."),
+        click.option("--priority", type=int, help="Higher runs first (default 0)."),
+        click.option("--group", help="Scheduling group."),
+        click.option("--after", multiple=True, metavar="ID", help="Run only after this effect succeeded (repeatable)."),
+        click.option("--stdin-from", metavar="ID", help="Feed stdin from another effect's stdout."),
+        click.option("--max-output-bytes", type=int, help="Cap per output stream."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def _common(o: dict[str, Any]) -> dict[str, Any]:
+    return {"name": o.get("name"), "labels": _pairs(o.get("labels") or (), "--label") or None,
+            "timeout": o.get("timeout"), "retries": o.get("retries"), "priority": o.get("priority"),
+            "group": o.get("group"), "after": list(o.get("after") or ()) or None,
+            "max_output_bytes": o.get("max_output_bytes")}
+
+
+def _shell_spec(command: Sequence[str], o: dict[str, Any]) -> dict[str, Any]:
+    from effectd.client import shell_spec
+
+    if not command:
+        raise click.UsageError("no command given (use: -- CMD ARGS...)")
+    cmd: str | Sequence[str] = command[0] if len(command) == 1 and " " in command[0] else list(command)
+    return shell_spec(cmd, cwd=o.get("cwd"), env=_pairs(o.get("envs") or (), "--env"),
+                      stdin_from=o.get("stdin_from"), **_common(o))
+
+
+def _record_line(r: EffectRecord) -> str:
+    what = r.name or _describe(r.spec)
+    extra = ""
+    if r.exit_code is not None:
+        extra = f" exit={r.exit_code}"
+    if r.signal:
+        extra += f" signal={r.signal}"
+    if r.reason and r.state.value not in ("succeeded", "running", "queued"):
+        extra += f" ({r.reason})"
+    if r.progress and r.state.value == "running" and r.progress.get("fraction") is not None:
+        extra += f" {100 * r.progress['fraction']:.0f}%"
+    return f"{r.id}  {r.state.value:<9} {what[:60]}{extra}"
+
+
+def _describe(spec: dict[str, Any]) -> str:
+    kind = spec.get("kind")
+    if kind == "shell":
+        return str(spec.get("command") or " ".join(spec.get("argv") or []))
+    if kind == "python":
+        return f"{spec.get('target')}(...)"
+    return f"sleep {spec.get('seconds')}"
+
+
+def exit_code_for(r: EffectRecord) -> int:
+    state = r.state.value
+    if state == "succeeded":
+        return 0
+    if state == "failed":
+        if r.signal:
+            return 128 + r.signal
+        if r.exit_code is not None:
+            return r.exit_code or EXIT_FAILED
+        return EXIT_NOT_STARTED
+    if state == "timed_out":
+        return EXIT_TIMED_OUT
+    if state == "cancelled":
+        return EXIT_CANCELLED
+    return EXIT_NOT_STARTED
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="effectd", prog_name="effectctl")
+def main() -> None:
+    """effectctl: run effects in the background with effectd.
+
+    The daemon is found through $EFFECTD_RUNTIME_DIR (default $XDG_RUNTIME_DIR/effectd) and
+    started on demand if it is not running.
+    """
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@effect_options
+@click.option("--detach", "-d", is_flag=True, help="Print the id and return at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final record as JSON (after the output).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@handle_errors
+def run(command: tuple[str, ...], detach: bool, as_json: bool, **o: Any) -> None:
+    """Run CMD as an effect, stream its output live, exit with its exit code.
+
+    Ctrl-C cancels the effect (its whole process tree)."""
+    spec = _shell_spec(command, o)
+    with _client() as c:
+        eid = c.submit(spec)
+        if detach:
+            _json_out({"id": eid}) if as_json else click.echo(eid)
+            return
+        cancelled = False
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            nonlocal cancelled
+            if cancelled:
+                raise KeyboardInterrupt
+            cancelled = True
+            click.echo(f"\neffectctl: cancelling {eid}", err=True)
+            c.cancel(eid, reason="interrupted")
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            _copy_stream(c.stream(eid))
+            record = c.wait(eid)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if as_json:
+            _json_out(record.to_json())
+        elif record.state.value != "succeeded" and record.exit_code is None:
+            click.echo(f"effectctl: effect {eid} {record.state.value}"
+                       + (f": {record.reason}" if record.reason else ""), err=True)
+            if record.error is not None:
+                click.echo(f"effectctl: {record.error.type}: {record.error.message}", err=True)
+        sys.exit(exit_code_for(record))
+
+
+def _copy_stream(chunks: Iterator[Any]) -> None:
+    out = sys.stdout.buffer
+    err = sys.stderr.buffer
+    for chunk in chunks:
+        target = err if chunk.stream == "stderr" else out
+        target.write(chunk.data)
+        target.flush()
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@effect_options
+@click.option("--python", "target", metavar="MOD:FUNC", help="Submit a python effect instead of a command.")
+@click.option("--args", "args_json", default="[]", help="python: JSON array of positional arguments.")
+@click.option("--kwargs", "kwargs_json", default="{}", help="python: JSON object of keyword arguments.")
+@click.option("--sleep", "sleep_seconds", type=float, help="Submit a sleep effect of this many seconds.")
+@click.option("--json", "as_json", is_flag=True)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@handle_errors
+def submit(command: tuple[str, ...], target: str | None, args_json: str, kwargs_json: str,
+           sleep_seconds: float | None, as_json: bool, **o: Any) -> None:
+    """Submit an effect in the background and print its id."""
+    from effectd.client import python_spec, sleep_spec
+
+    if target:
+        try:
+            args = json.loads(args_json)
+            kwargs = json.loads(kwargs_json)
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(str(exc), param_hint="--args/--kwargs") from exc
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise click.BadParameter("--args takes a JSON array, --kwargs a JSON object")
+        spec = python_spec(target, args, kwargs, cwd=o.get("cwd"), **_common(o))
+    elif sleep_seconds is not None:
+        spec = sleep_spec(sleep_seconds, **_common(o))
+    else:
+        spec = _shell_spec(command, o)
+    with _client() as c:
+        eid = c.submit(spec)
+    _json_out({"id": eid}) if as_json else click.echo(eid)
+
+
+@main.command()
+@click.argument("ids", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def status(ids: tuple[str, ...], as_json: bool) -> None:
+    """Show effects' state."""
+    with _client() as c:
+        records = c.status_many(list(ids))
+    if as_json:
+        _json_out([r.to_json() for r in records])
+        return
+    for r in records:
+        click.echo(_record_line(r))
+
+
+@main.command(name="list")
+@click.option("--state", "states", multiple=True, help="Only these states (repeatable).")
+@click.option("--label", "labels", multiple=True, metavar="K=V")
+@click.option("--name")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def list_(states: tuple[str, ...], labels: tuple[str, ...], name: str | None, limit: int, as_json: bool) -> None:
+    """List effects, newest first."""
+    with _client() as c:
+        records = c.list(states=list(states) or None, labels=_pairs(labels, "--label") or None, name=name,
+                         limit=limit)
+    if as_json:
+        _json_out([r.to_json() for r in records])
+        return
+    for r in records:
+        click.echo(_record_line(r))
+
+
+@main.command()
+@click.argument("effect_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep streaming until the effect is final.")
+@click.option("--stderr", "stderr_only", is_flag=True, help="Only stderr.")
+@click.option("--stdout", "stdout_only", is_flag=True, help="Only stdout.")
+@click.option("--from-offset", type=int, default=0, help="Start at this byte offset of each stream.")
+@handle_errors
+def logs(effect_id: str, follow: bool, stderr_only: bool, stdout_only: bool, from_offset: int) -> None:
+    """Print an effect's output (stdout to stdout, stderr to stderr)."""
+    streams = ("stderr",) if stderr_only else ("stdout",) if stdout_only else ("stdout", "stderr")
+    with _client() as c:
+        if follow:
+            _copy_stream(c.stream(effect_id, from_offset=from_offset, streams=streams))
+            return
+        c.status(effect_id)
+        for name in streams:
+            target = sys.stderr.buffer if name == "stderr" else sys.stdout.buffer
+            offset = from_offset
+            while True:
+                piece = c.read_output(effect_id, name, offset)
+                target.write(piece.data)
+                offset = piece.next_offset
+                if not piece.data or offset >= piece.size:
+                    break
+            target.flush()
+
+
+@main.command()
+@click.argument("ids", nargs=-1, required=True)
+@click.option("--timeout", type=float, help="Give up after this many seconds (exit 124).")
+@click.option("--any", "any_", is_flag=True, help="Return when the first one is final; print it.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def wait(ids: tuple[str, ...], timeout: float | None, any_: bool, as_json: bool) -> None:
+    """Wait for effects to be final. Exit 0 if all (or, with --any, the first) succeeded."""
+    with _client() as c:
+        records = c.wait_many(list(ids), timeout=timeout, return_when="first" if any_ else "all")
+    if any_:
+        done = sorted((r for r in records if r.final), key=lambda r: r.finished_at or 0)
+        records = done[:1] or records
+    if as_json:
+        _json_out([r.to_json() for r in records])
+    else:
+        for r in records:
+            click.echo(_record_line(r))
+    if not all(r.final for r in records):
+        sys.exit(EXIT_TIMED_OUT)
+    sys.exit(0 if all(r.succeeded for r in records) else EXIT_FAILED)
+
+
+@main.command()
+@click.argument("effect_id")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def result(effect_id: str, as_json: bool) -> None:
+    """Show the outcome of a final effect (its return value for python effects)."""
+    with _client() as c:
+        r = c.result(effect_id)
+    if as_json:
+        _json_out(r.to_json())
+    else:
+        click.echo(_record_line(r))
+        if r.result is not None:
+            click.echo(json.dumps(r.result, default=_json_default))
+        if r.error is not None:
+            click.echo(r.error.traceback or f"{r.error.type}: {r.error.message}", err=True)
+    sys.exit(0 if r.succeeded else EXIT_FAILED)
+
+
+@main.command()
+@click.argument("ids", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def cancel(ids: tuple[str, ...], as_json: bool) -> None:
+    """Cancel queued or running effects (running ones lose their whole process tree)."""
+    with _client() as c:
+        results = c.cancel(*ids)
+    if as_json:
+        _json_out(results)
+        return
+    for r in results:
+        click.echo(f"{r['id']}  {'cancelling' if r['cancelled'] and r['state'] == 'running' else r['state']}")
+
+
+@main.group()
+def daemon() -> None:
+    """Start, stop and inspect the daemon."""
+
+
+@daemon.command("start")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def daemon_start(as_json: bool) -> None:
+    """Start the daemon in the background (no-op if it runs)."""
+    with _client() as c:
+        info = c.hello()
+    if as_json:
+        _json_out({"pid": info["pid"], "runtime_dir": info["runtime_dir"]})
+    else:
+        click.echo(f"effectd running (pid {info['pid']}, {info['runtime_dir']})")
+
+
+@daemon.command("stop")
+@click.option("--now", is_flag=True, help="Do not let running effects finish (they become lost).")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for it to exit.")
+@handle_errors
+def daemon_stop(now: bool, timeout: float) -> None:
+    """Stop the daemon (through systemd when systemd manages it)."""
+    import subprocess
+
+    from effectd.client.autostart import running_pid
+
+    with _client(autostart=False) as c:
+        pid = running_pid(c.runtime)
+        if pid is None:
+            click.echo("effectd is not running")
+            return
+        info = c.hello()
+        unit = os.environ.get("EFFECTD_SYSTEMD_UNIT", "effectd.service")
+        if info.get("managed_by") == "systemd" and not now:
+            # Stopping through systemd keeps it from restarting the service.
+            scope = [] if os.getuid() == 0 and not os.environ.get("XDG_RUNTIME_DIR") else ["--user"]
+            subprocess.run(["systemctl", *scope, "stop", unit], check=False)
+        else:
+            c.shutdown(drain=not now)
+        deadline = time.monotonic() + timeout
+        while running_pid(c.runtime) is not None:
+            if time.monotonic() > deadline:
+                _fail(f"effectd (pid {pid}) did not stop within {timeout:.0f}s", EXIT_FAILED)
+            time.sleep(0.05)
+    click.echo(f"effectd stopped (pid {pid})")
+
+
+@daemon.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def daemon_status(as_json: bool) -> None:
+    """Whether the daemon runs, how it was started, and what it does."""
+    from effectd.client.autostart import running_pid
+
+    with _client(autostart=False) as c:
+        pid = running_pid(c.runtime)
+        if pid is None:
+            if as_json:
+                _json_out({"running": False, "runtime_dir": str(c.runtime)})
+            else:
+                click.echo(f"effectd is not running ({c.runtime})")
+            sys.exit(EXIT_UNAVAILABLE)
+        info = c.hello()
+    if as_json:
+        _json_out({"running": True, **info})
+        return
+    counts = info.get("counts", {})
+    click.echo(f"effectd {info['daemon_version']} running, pid {info['pid']}, managed by {info['managed_by']}, "
+               f"up {info['uptime']:.0f}s{' (draining)' if info.get('draining') else ''}")
+    click.echo(f"  runtime {info['runtime_dir']}  state {info['state_dir']}")
+    click.echo(f"  workers {len(info['workers'])}  effects: "
+               + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts else "  no effects yet")
+
+
+if __name__ == "__main__":
+    main()
