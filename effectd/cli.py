@@ -374,6 +374,54 @@ def cancel(ids: tuple[str, ...], as_json: bool) -> None:
 
 
 @main.group()
+def group() -> None:
+    """Scheduling groups: per-group parallel limits."""
+
+
+@group.command("set")
+@click.argument("name")
+@click.option("--parallel", type=int, help="Effects of the group running at once (omit to clear the limit).")
+@handle_errors
+def group_set(name: str, parallel: int | None) -> None:
+    """Set or clear a group's parallel limit (persisted in the journal)."""
+    with _client() as c:
+        c.set_group_limit(name, parallel)
+    click.echo(f"group {name}: " + (f"at most {parallel} at once" if parallel else "no limit"))
+
+
+@group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def group_list(as_json: bool) -> None:
+    """Groups with their limits and running/queued counts."""
+    with _client() as c:
+        groups = c.groups()
+    if as_json:
+        _json_out(groups)
+        return
+    for g in groups:
+        limit = g["parallel"] if g["parallel"] is not None else "-"
+        click.echo(f"{g['name']:<24} limit {limit:<6} running {g.get('running', 0):<5} queued {g.get('queued', 0)}")
+
+
+@main.command()
+@click.option("--retain-days", type=float, help="Keep final effects younger than this (default: daemon's).")
+@click.option("--retain-count", type=int, help="Keep at most this many final effects.")
+@click.option("--retain-bytes", type=int, help="Keep at most this many output bytes.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def gc(retain_days: float | None, retain_count: int | None, retain_bytes: int | None, as_json: bool) -> None:
+    """Delete old final effects and their output now; report what was freed."""
+    with _client() as c:
+        freed = c.gc(retain_days=retain_days, retain_count=retain_count, retain_bytes=retain_bytes)
+    if as_json:
+        _json_out(freed)
+    else:
+        click.echo(f"removed {freed['removed']} effects, freed {freed['freed_bytes']} bytes; "
+                   f"kept {freed['kept']} ({freed['kept_bytes']} bytes)")
+
+
+@main.group()
 def daemon() -> None:
     """Start, stop and inspect the daemon."""
 

@@ -193,6 +193,19 @@ class Client:
             if not piece.data or offset >= piece.size:
                 return b"".join(parts)
 
+    def set_group_limit(self, name: str, parallel: int | None) -> None:
+        """Limit how many effects of ``group`` run at once (None: no limit). Persisted."""
+        self.call("group_set", name=name, parallel=parallel)
+
+    def groups(self) -> list[dict[str, Any]]:
+        return list(self.call("groups")["groups"])
+
+    def gc(self, *, retain_days: float | None = None, retain_count: int | None = None,
+           retain_bytes: int | None = None) -> dict[str, Any]:
+        """Delete old final effects and their output now; returns what was freed."""
+        reply = self.call("gc", retain_days=retain_days, retain_count=retain_count, retain_bytes=retain_bytes)
+        return {k: reply[k] for k in ("removed", "freed_bytes", "kept", "kept_bytes")}
+
     def shutdown(self, drain: bool = True) -> None:
         self.call("shutdown", drain=drain)
 

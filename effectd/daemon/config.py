@@ -34,6 +34,9 @@ class DaemonConfig:
     adopt_grace: float = 10.0
     orphan_timeout: float = DEFAULT_ORPHAN_TIMEOUT
     heartbeat: float = HEARTBEAT_INTERVAL
+    retain_days: float = 7.0
+    retain_count: int = 10_000
+    retain_bytes: int = 2 * 1024 * 1024 * 1024
     log_level: str = "INFO"
     log_file: Path | None = None
 

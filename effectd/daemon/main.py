@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adopt-grace", type=float, default=d.adopt_grace)
     p.add_argument("--orphan-timeout", type=float, default=d.orphan_timeout)
     p.add_argument("--heartbeat", type=float, default=d.heartbeat)
+    p.add_argument("--retain-days", type=float, default=d.retain_days,
+                   help=f"keep final effects this many days (default {d.retain_days:g})")
+    p.add_argument("--retain-count", type=int, default=d.retain_count,
+                   help=f"keep at most this many final effects (default {d.retain_count})")
+    p.add_argument("--retain-bytes", type=int, default=d.retain_bytes,
+                   help=f"keep at most this many output bytes of final effects (default {d.retain_bytes})")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ERROR; or $EFFECTD_LOG_LEVEL")
     p.add_argument("--log-file", type=Path, default=None, help="log to this size-capped file instead of stderr")
     return p
@@ -75,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         max_queued=args.max_queued, max_waits=args.max_waits, max_output_bytes=args.max_output_bytes,
         kill_grace=args.kill_grace, drain_timeout=args.drain_timeout, adopt_grace=args.adopt_grace,
         orphan_timeout=args.orphan_timeout, heartbeat=args.heartbeat,
+        retain_days=args.retain_days, retain_count=args.retain_count, retain_bytes=args.retain_bytes,
         log_level=args.log_level or os.environ.get("EFFECTD_LOG_LEVEL", "INFO"), log_file=args.log_file,
     )
     if config.parallel < 1 or config.max_workers < 1 or config.min_workers < 0:

@@ -94,6 +94,7 @@ class RequestHandlers:
             "instance": d.instance,
             "pid": os.getpid(),
             "uptime": time.monotonic() - d.started,
+            "journal_commits": d.journal.commits,
             "counts": d.journal.counts(),
             "workers": [
                 {"id": w.id, "pid": w.pid, "state": w.state.value, "effects": len(w.effects),
@@ -222,6 +223,29 @@ class RequestHandlers:
         return {"id": a["id"], "stream": a["stream"], "offset": a["offset"], "data": data,
                 "next_offset": next_offset, "size": max(size, next_offset), "state": rec["state"],
                 "final": final, "eof": final and next_offset >= max(size, next_offset)}
+
+    def op_group_set(self, ident: bytes, req: Request) -> dict[str, Any]:
+        name, parallel = req.args["name"], req.args["parallel"]
+        limits = self.d.sched.group_limits
+        if parallel is None:
+            limits.pop(name, None)
+        else:
+            limits[name] = parallel
+        self.d.journal.set_meta("group_limits", dict(limits))
+        return {"name": name, "parallel": parallel}
+
+    def op_groups(self, ident: bytes, req: Request) -> dict[str, Any]:
+        stats: dict[str, dict[str, Any]] = {
+            name: {"name": name, "parallel": limit, "running": 0, "queued": 0}
+            for name, limit in self.d.sched.group_limits.items()}
+        for eff in self.d.sched.effects.values():
+            if eff.group:
+                g = stats.setdefault(eff.group, {"name": eff.group, "parallel": None, "running": 0, "queued": 0})
+                g[eff.state.value] = g.get(eff.state.value, 0) + 1
+        return {"groups": sorted(stats.values(), key=lambda g: g["name"])}
+
+    def op_gc(self, ident: bytes, req: Request) -> dict[str, Any]:
+        return self.d.retention.collect(**{k: v for k, v in req.args.items() if v is not None})
 
     def op_shutdown(self, ident: bytes, req: Request) -> dict[str, Any]:
         self.d.begin_shutdown(drain=req.args["drain"])

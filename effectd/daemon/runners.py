@@ -21,9 +21,11 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import msgpack
+import psutil
 
 from effectd.daemon.output import OutputWriter
 from effectd.daemon.proctree import EFFECT_MARKER_ENV, ProcessIdentity, TreeKill, effect_processes
@@ -67,6 +69,7 @@ class Run:
         self.report: dict[str, Any] | None = None
         self.pid: int | None = None
         self.create_time: float | None = None
+        self.progress: list[tuple[float | None, str | None]] = []
 
     def fds(self) -> list[int]:
         return []
@@ -98,20 +101,52 @@ class Run:
         return chunks
 
 
-def _rlimit_preexec(limits: dict[str, int]) -> Callable[[], None]:
+PROGRESS_CHILD_FD = 3
+
+
+def _child_setup(progress_fd: int, limits: dict[str, int] | None) -> Callable[[], None]:
+    """Runs in the child between fork and exec: progress pipe onto fd 3 (shells such as dash
+    cannot redirect to descriptors above 9), then the effect's rlimits."""
     names = {"as": resource.RLIMIT_AS, "cpu": resource.RLIMIT_CPU, "nofile": resource.RLIMIT_NOFILE}
 
     def apply() -> None:
-        for key, value in limits.items():
+        os.dup2(progress_fd, PROGRESS_CHILD_FD, inheritable=True)
+        for key, value in (limits or {}).items():
             resource.setrlimit(names[key], (value, value))
 
     return apply
 
 
-class ShellRun(Run):
-    """A child process in its own session, stdout/stderr on non-blocking pipes, exit via pidfd."""
+PROGRESS_ENV = "EFFECTD_PROGRESS_FD"
+"""Shell effects report progress by writing lines ``<fraction> <message>`` (fraction 0..1, or
+``-`` for none) to file descriptor 3, which this variable names: ``echo "0.5 halfway" >&3``."""
+MAX_PROGRESS_LINE = 4096
+STDIN_POLL = 0.02
+"""While an effect's stdin is fed from another effect's growing output file, how often to look."""
 
-    def __init__(self, *args: Any, base_env: dict[str, str], **kwargs: Any) -> None:
+
+def parse_progress_line(line: bytes) -> tuple[float | None, str | None] | None:
+    text = line.decode("utf-8", errors="replace").strip()
+    if not text:
+        return None
+    head, _, rest = text.partition(" ")
+    try:
+        fraction: float | None = None if head == "-" else min(1.0, max(0.0, float(head)))
+    except ValueError:
+        return None, text[:MAX_PROGRESS_LINE]
+    if fraction is not None and fraction != fraction:  # NaN
+        fraction = None
+    return fraction, (rest[:MAX_PROGRESS_LINE] or None)
+
+
+class ShellRun(Run):
+    """A child process in its own session, stdout/stderr on non-blocking pipes, exit via pidfd.
+
+    With ``stdin_from`` its stdin is a pipe the worker feeds from the source effect's stdout
+    file as that grows (a durable pipe between effects); EOF once the source is final."""
+
+    def __init__(self, *args: Any, base_env: dict[str, str], stdin_source: Path | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         spec = self.spec
         argv = spec["argv"] if "argv" in spec else ["/bin/sh", "-c", spec["command"]]
@@ -124,15 +159,39 @@ class ShellRun(Run):
         self._kill: TreeKill | None = None
         self._leftover_kill: TreeKill | None = None
         self.spawn_error: dict[str, Any] | None = None
+        self._stdin_w = -1
+        self._stdin_source = stdin_source
+        self._stdin_offset = 0
+        self._stdin_buf = b""
+        self._progress_r = -1
+        self._progress_buf = b""
+        progress_r, progress_w = os.pipe2(os.O_CLOEXEC)
+        env[PROGRESS_ENV] = str(PROGRESS_CHILD_FD)
+        stdin_r = -1
+        if stdin_source is not None:
+            stdin_r, self._stdin_w = os.pipe2(os.O_CLOEXEC)
+            os.set_blocking(self._stdin_w, False)
         try:
             self.proc = subprocess.Popen(
-                argv, cwd=spec.get("cwd"), env=env, stdin=subprocess.DEVNULL,
+                argv, cwd=spec.get("cwd"), env=env,
+                stdin=stdin_r if stdin_r >= 0 else subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                preexec_fn=_rlimit_preexec(spec["rlimits"]) if spec.get("rlimits") else None,
+                pass_fds=(progress_w, PROGRESS_CHILD_FD),
+                preexec_fn=_child_setup(progress_w, spec.get("rlimits")),
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             self.spawn_error = {"type": type(exc).__name__, "message": str(exc), "traceback": ""}
+            for fd in (progress_r, self._stdin_w):
+                if fd >= 0:
+                    os.close(fd)
+            self._stdin_w = -1
             return
+        finally:
+            os.close(progress_w)
+            if stdin_r >= 0:
+                os.close(stdin_r)
+        self._progress_r = progress_r
+        os.set_blocking(progress_r, False)
         self.pid = self.proc.pid
         assert self.proc.stdout is not None and self.proc.stderr is not None
         for pipe, name in ((self.proc.stdout, "stdout"), (self.proc.stderr, "stderr")):
@@ -143,9 +202,7 @@ class ShellRun(Run):
             self._pidfd = os.pidfd_open(self.pid)
         except OSError:
             self._pidfd = -1
-        with contextlib.suppress(Exception):
-            import psutil
-
+        with contextlib.suppress(psutil.Error):
             self.create_time = psutil.Process(self.pid).create_time()
 
     @property
@@ -158,7 +215,60 @@ class ShellRun(Run):
         fds = list(self._pipes)
         if self._pidfd >= 0:
             fds.append(self._pidfd)
+        if self._progress_r >= 0:
+            fds.append(self._progress_r)
         return fds
+
+    def _read_progress(self) -> None:
+        try:
+            data = os.read(self._progress_r, MAX_PROGRESS_LINE)
+        except BlockingIOError:
+            return
+        if not data:
+            os.close(self._progress_r)
+            self._progress_r = -1
+            return
+        self._progress_buf += data
+        *lines, self._progress_buf = self._progress_buf.split(b"\n")
+        if len(self._progress_buf) > MAX_PROGRESS_LINE:
+            self._progress_buf = b""
+        for line in lines:
+            parsed = parse_progress_line(line)
+            if parsed is not None:
+                self.progress.append(parsed)
+
+    def _feed_stdin(self) -> None:
+        """Copy newly written bytes of the source's stdout into our child's stdin pipe."""
+        if self._stdin_w < 0 or self._stdin_source is None:
+            return
+        try:
+            if not self._stdin_buf:
+                final = (self._stdin_source / "final").exists()  # checked before reading: no lost tail
+                try:
+                    fd = os.open(self._stdin_source / "stdout", os.O_RDONLY)
+                except FileNotFoundError:
+                    fd = -1
+                if fd >= 0:
+                    try:
+                        self._stdin_buf = os.pread(fd, READ_CHUNK, self._stdin_offset)
+                    finally:
+                        os.close(fd)
+                self._stdin_offset += len(self._stdin_buf)
+                if not self._stdin_buf and final:
+                    os.close(self._stdin_w)
+                    self._stdin_w = -1
+                    return
+            while self._stdin_buf:
+                n = os.write(self._stdin_w, self._stdin_buf)
+                self._stdin_buf = self._stdin_buf[n:]
+        except BlockingIOError:
+            return
+        except (BrokenPipeError, OSError):
+            # The child closed its stdin (e.g. `head -n1`): stop feeding.
+            self._stdin_buf = b""
+            if self._stdin_w >= 0:
+                os.close(self._stdin_w)
+                self._stdin_w = -1
 
     def _read(self, fd: int) -> list[Chunk]:
         chunks: list[Chunk] = []
@@ -188,6 +298,9 @@ class ShellRun(Run):
         if fd == self._pidfd:
             self._reap()
             return []
+        if fd == self._progress_r:
+            self._read_progress()
+            return []
         if fd in self._pipes:
             return self._read(fd)
         return []
@@ -201,6 +314,23 @@ class ShellRun(Run):
             if self._pidfd >= 0:
                 os.close(self._pidfd)
                 self._pidfd = -1
+
+    def _has_leftovers(self) -> bool:
+        """Did the effect leave processes behind? The worker is their subreaper, so any survivor
+        is (below) a direct child of the worker carrying this effect's marker: checking those is
+        far cheaper than scanning every process."""
+        try:
+            me = psutil.Process()
+            for child in me.children(recursive=False):
+                if child.pid == self.pid:
+                    continue
+                with contextlib.suppress(psutil.Error):
+                    if child.status() != psutil.STATUS_ZOMBIE and \
+                            child.environ().get(EFFECT_MARKER_ENV) == self.effect_id:
+                        return True
+        except psutil.Error:
+            return bool(effect_processes(self.effect_id))
+        return False
 
     def protected_pids(self) -> set[int]:
         return {self.pid} if self.pid is not None and self._exit_status is None else set()
@@ -221,6 +351,11 @@ class ShellRun(Run):
             return self._finish("failed", reason="spawn_failed", error=self.spawn_error)
         if self._pidfd < 0:
             self._reap()  # no pidfd on this kernel: fall back to polling
+        if self._exit_status is None:
+            self._feed_stdin()
+        elif self._stdin_w >= 0:
+            os.close(self._stdin_w)
+            self._stdin_w = -1
         if self.phase is Phase.RUNNING and self.deadline is not None and time.monotonic() >= self.deadline:
             self.stop("timed_out", "timeout")
         chunks: list[Chunk] = []
@@ -242,7 +377,7 @@ class ShellRun(Run):
             return chunks
         if self._leftover_kill is None and self._kill is None:
             # Normal exit with pipes closed; still take down anything it left behind.
-            if effect_processes(self.effect_id):
+            if self._has_leftovers():
                 self._leftover_kill = TreeKill(self.effect_id, None, grace=LEFTOVER_GRACE)
                 self._leftover_kill.start()
                 return chunks
@@ -262,7 +397,17 @@ class ShellRun(Run):
     def next_deadline(self) -> float | None:
         if self.phase is Phase.KILLING or (self._exit_status is not None and self.phase is not Phase.DONE):
             return time.monotonic() + 0.05  # kill in progress: re-check soon
+        if self._stdin_w >= 0:
+            return time.monotonic() + STDIN_POLL
         return self.deadline
+
+    def _finish(self, state: str, **fields: Any) -> list[Chunk]:
+        for fd in (self._stdin_w, self._progress_r):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._stdin_w = self._progress_r = -1
+        return super()._finish(state, **fields)
 
 
 class SleepRun(Run):
@@ -391,7 +536,7 @@ class PythonRun(Run):
                 if kept:
                     chunks.append(Chunk("value", offset, kept))
             elif kind == "progress":
-                progress.append(payload)
+                self.progress.append(payload)
             elif kind == "done":
                 chunks += self._finish("succeeded", result=payload)
             elif kind == "error":

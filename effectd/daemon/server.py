@@ -31,6 +31,7 @@ from effectd.daemon.ids import UlidGenerator
 from effectd.daemon.pool import WorkerProcesses
 from effectd.daemon.proctree import ProcessIdentity, TreeKill
 from effectd.daemon.requests import RequestHandlers, Waiter
+from effectd.daemon.retention import Retention
 from effectd.daemon.sdnotify import SystemdNotifier
 from effectd.daemon.worker import HEARTBEAT_LIVENESS
 from effectd.ipc import codec
@@ -106,6 +107,9 @@ class Daemon:
     def open_state(self) -> None:
         self.journal = Journal(self.config.journal_path)
         self.outputs = OutputStore(self.config.outputs_dir)
+        cfg = self.config
+        self.retention = Retention(self.journal, self.outputs, cfg.retain_days, cfg.retain_count,
+                                   cfg.retain_bytes, last_run=time.monotonic())
         groups = self.journal.get_meta("group_limits") or {}
         self.sched.group_limits.update(groups)
 
@@ -250,6 +254,7 @@ class Daemon:
         self.adopting.pop(eff.id, None)
         if final:
             self.journal.put_effect(eff.to_record(), "finished")
+            self.outputs.mark_final(eff.id)
             self.publish_event(eff.id, "finished", state=eff.state.value, attempt=eff.attempt,
                                sizes=self.outputs.sizes(eff.id))
         else:
@@ -442,6 +447,8 @@ class Daemon:
         if not self.draining:
             self.schedule(wall, now)
         self.maintain_pool(now)
+        if self.retention.due(now) and not self.draining:
+            self.retention.collect()
         self.handlers.resolve_waiters(now)
         self.drive_shutdown(now)
         counts = self.sched.counts()

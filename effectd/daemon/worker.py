@@ -191,7 +191,9 @@ class Worker:
         run: Run
         kind = spec["kind"]
         if kind == "shell":
-            run = ShellRun(effect_id, attempt, spec, writer, base_env=self.base_env, **common)
+            source = self.outputs_root / spec["stdin_from"] if spec.get("stdin_from") else None
+            run = ShellRun(effect_id, attempt, spec, writer, base_env=self.base_env, stdin_source=source,
+                           **common)
         elif kind == "python":
             run = PythonRun(effect_id, attempt, spec, writer, wake=self._wake, **common)
         else:
@@ -205,6 +207,10 @@ class Worker:
     def _after_run_step(self, run: Run, chunks: list[Chunk]) -> None:
         if chunks:
             self.publish(run.effect_id, run.attempt, chunks)
+        while run.progress:
+            fraction, message = run.progress.pop(0)
+            self.send({"t": "progress", "id": run.effect_id, "attempt": run.attempt,
+                       "fraction": fraction, "message": message})
         if run.phase is Phase.DONE and run.report is not None:
             del self.runs[run.effect_id]
             self.effects_done += 1
@@ -256,10 +262,7 @@ class Worker:
             wall = time.time()
             for run in list(self.runs.values()):
                 if isinstance(run, PythonRun):
-                    chunks, progress = run.drain_events()
-                    for fraction, message in progress:
-                        self.send({"t": "progress", "id": run.effect_id, "attempt": run.attempt,
-                                   "fraction": fraction, "message": message})
+                    chunks, _ = run.drain_events()
                     self._after_run_step(run, chunks)
                 if run.effect_id in self.runs:
                     self._after_run_step(run, run.tick(wall))

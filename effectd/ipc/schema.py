@@ -29,6 +29,10 @@ CAPABILITIES: tuple[str, ...] = (
     "stream_offsets",
     "python_generators",
     "idempotent_submit",
+    "groups",
+    "stdin_from",
+    "progress",
+    "gc",
 )
 
 
@@ -341,6 +345,16 @@ OPS: dict[str, OpSpec] = {
                                Field("max_bytes", "int", min=1, max=MAX_READ_BYTES,
                                      default=DEFAULT_READ_BYTES)),
                "stored output bytes from an offset"),
+        OpSpec("group_set", (Field("name", "str", required=True, max_len=128),
+                             Field("parallel", "int", min=1, max=100_000,
+                                   doc="effects of the group running at once; absent = no limit")),
+               "set (or clear) a group's parallel limit; persisted", mutating=True),
+        OpSpec("groups", (), "groups with their limits and running/queued counts"),
+        OpSpec("gc", (Field("retain_days", "num", min=0, max=36500),
+                      Field("retain_count", "int", min=0, max=100_000_000),
+                      Field("retain_bytes", "int", min=0, max=1 << 50)),
+               "delete old final effects and their output now (defaults: the daemon's settings)",
+               mutating=True),
         OpSpec("shutdown", (Field("drain", "bool", default=True,
                                   doc="let running effects finish up to the drain timeout"),),
                "stop the daemon", mutating=True),

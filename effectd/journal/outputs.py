@@ -46,6 +46,15 @@ class OutputStore:
         finally:
             os.close(fd)
 
+    def final_marker(self, effect_id: str) -> Path:
+        return self.root / effect_id / "final"
+
+    def mark_final(self, effect_id: str) -> None:
+        """Tell readers tailing the files (``stdin_from`` consumers) that no more bytes come."""
+        d = self.effect_dir(effect_id)
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.final_marker(effect_id).touch(mode=0o600)
+
     def remove(self, effect_id: str) -> int:
         """Delete an effect's files; returns the bytes freed."""
         d = self.effect_dir(effect_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +205,12 @@ class Journal:
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(limit)
         return [dict(_unpack(r[0])) for r in self._db.execute(sql, params).fetchall()]
+
+    def iter_final_newest_first(self) -> Iterator[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT record FROM effects WHERE state NOT IN ('queued', 'running') ORDER BY id DESC")
+        for (blob,) in rows:
+            yield dict(_unpack(blob))
 
     def counts(self) -> dict[str, int]:
         return {state: n for state, n in self._db.execute(
