@@ -221,7 +221,8 @@ class Scheduler:
             if e.group:
                 per_group[e.group] = per_group.get(e.group, 0) + 1
         candidates = sorted(self.queued(), key=lambda e: (-e.priority, e.seq))
-        unplaced = 0
+        unplaced_python = 0
+        unplaced_shell = 0
         for eff in candidates:
             if in_flight >= self.limits.parallel:
                 break
@@ -238,7 +239,11 @@ class Scheduler:
                 continue  # skipped, not blocking: other groups keep flowing
             worker = self._place(eff.kind)
             if worker is None:
-                unplaced += 1
+                if eff.kind is EffectKind.PYTHON:
+                    unplaced_python += 1
+                else:
+                    unplaced_shell += 1
+                in_flight += 1  # it would run if it had a worker: counts against --parallel
                 continue
             assignments.append((eff, worker))
             worker.effects.add(eff.id)
@@ -247,7 +252,9 @@ class Scheduler:
             in_flight += 1
             if group:
                 per_group[group] = per_group.get(group, 0) + 1
-        return assignments, dep_failed, self._spawn_needed(unplaced)
+        slots = max(1, self.limits.worker_slots)
+        needed = unplaced_python + (unplaced_shell + slots - 1) // slots
+        return assignments, dep_failed, self._spawn_needed(needed)
 
     def _place(self, kind: EffectKind) -> Worker | None:
         ready = [w for w in self.workers.values() if w.can_take(kind)]
@@ -259,12 +266,14 @@ class Scheduler:
         # free for python effects and idle ones can retire.
         return max(ready, key=lambda w: (len(w.effects), w.id))
 
-    def _spawn_needed(self, unplaced: int) -> int:
+    def _spawn_needed(self, needed: int) -> int:
+        """Workers to start: enough for the effects that found no room (a python effect needs a
+        worker to itself; shell/sleep effects share one up to its slots), minus those starting."""
         live = [w for w in self.workers.values() if w.state in (WorkerState.STARTING, WorkerState.READY)]
         starting = sum(1 for w in live if w.state is WorkerState.STARTING)
         want = max(self.limits.min_workers - len(live), 0)
-        if unplaced > starting:
-            want = max(want, unplaced - starting)
+        if needed > starting:
+            want = max(want, needed - starting)
         return max(0, min(want, self.limits.max_workers - len(live)))
 
     def start(self, eff: Effect, worker: Worker, now: float) -> None:

@@ -47,13 +47,24 @@ class WorkerProcesses:
         return worker_id, proc.pid
 
     def reap(self) -> list[tuple[str, int]]:
-        """Workers (ours) that exited since the last call, with their exit status."""
+        """Workers that exited since the last call, with their exit status (-1: unknown, for
+        adopted workers of an earlier daemon, which are not our children)."""
         gone: list[tuple[str, int]] = []
         for worker_id, proc in list(self.children.items()):
             status = proc.poll()
             if status is not None:
                 del self.children[worker_id]
                 gone.append((worker_id, status))
+        for worker_id, pid in list(self.adopted_pids.items()):
+            try:
+                dead = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                dead = True
+            except psutil.Error:
+                dead = False
+            if dead:
+                del self.adopted_pids[worker_id]
+                gone.append((worker_id, -1))
         return gone
 
     def alive(self, worker_id: str) -> bool:

@@ -60,6 +60,8 @@ MAX_BATCH = 512
 STREAM_HWM = 10_000
 WORKER_START_TIMEOUT = 30.0
 SPAWN_BACKOFF_MAX = 60.0
+SHUTDOWN_OVERRUN = 15.0
+"""Seconds past drain + kill grace after which shutdown stops without concluding everything."""
 
 
 @dataclass
@@ -170,8 +172,10 @@ class Daemon:
         self.queue_send(self.control, [ident, b"", codec.pack(error_reply(request_id, exc.code, exc.message))],
                         durable=False)
 
-    def to_worker(self, worker_id: str, msg: dict[str, Any]) -> None:
-        self.queue_send(self.workers_sock, [worker_id.encode(), codec.pack(msg)])
+    def to_worker(self, worker_id: str, msg: dict[str, Any], durable: bool = True) -> None:
+        """``durable`` messages (assign, ack) announce journaled facts and are dropped if the
+        batch fails to commit; control messages (cancel, stop) are sent regardless."""
+        self.queue_send(self.workers_sock, [worker_id.encode(), codec.pack(msg)], durable)
 
     def publish_event(self, effect_id: str, event: str, **fields: Any) -> None:
         self.queue_send(self.stream, [effect_id.encode(), codec.pack(event_header(event, **fields)), b""])
@@ -271,7 +275,7 @@ class Daemon:
             if eff.id in self.adopting:
                 self.kill_then_conclude(eff, EffectState.CANCELLED, reason)
             elif eff.worker:
-                self.to_worker(eff.worker, {"t": "cancel", "id": eff.id, "reason": reason})
+                self.to_worker(eff.worker, {"t": "cancel", "id": eff.id, "reason": reason}, durable=False)
 
     def kill_then_conclude(self, eff: Effect, state: EffectState, reason: str) -> None:
         """For effects no live worker supervises: kill their tree here, conclude when it is gone."""
@@ -363,7 +367,7 @@ class Daemon:
                     worker.python_effect = eff.id
             else:
                 # Not ours to run (already final, or unknown to this journal): stop it.
-                self.to_worker(wid, {"t": "cancel", "id": rep["id"], "reason": "not_adopted"})
+                self.to_worker(wid, {"t": "cancel", "id": rep["id"], "reason": "not_adopted"}, durable=False)
         self.queue_send(self.workers_sock, [wid.encode(), codec.pack({"t": "welcome", "instance": self.instance})],
                         durable=False)
 
@@ -493,7 +497,7 @@ class Daemon:
     def retire(self, worker: Worker, why: str) -> None:
         log.info("retiring worker %s (%s)", worker.id, why)
         worker.state = WorkerState.STOPPING
-        self.to_worker(worker.id, {"t": "stop", "reason": why})
+        self.to_worker(worker.id, {"t": "stop", "reason": why}, durable=False)
 
     # ---- shutdown -------------------------------------------------------------------------
 
@@ -513,6 +517,16 @@ class Daemon:
 
     def drive_shutdown(self, now: float) -> None:
         if not self.draining or self.drain_deadline is None:
+            return
+        if now > self.drain_deadline + self.config.kill_grace + SHUTDOWN_OVERRUN:
+            # Something cannot be concluded (e.g. the journal cannot be written): stop anyway;
+            # close() kills our workers, and the journal keeps what it has for the next start.
+            log.error("shutdown overran by %.0fs; stopping without concluding %d effect(s)",
+                      SHUTDOWN_OVERRUN, len(self.sched.running()))
+            for w in self.sched.workers.values():
+                if w.state is not WorkerState.DEAD:
+                    self.to_worker(w.id, {"t": "stop", "reason": "daemon_stopped"}, durable=False)
+            self.stop_requested = True
             return
         running = self.sched.running()
         if running and now >= self.drain_deadline and self.interrupting_since is None:

@@ -49,6 +49,8 @@ HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_LIVENESS = 3
 """Silent intervals after which the peer is considered gone."""
 DEFAULT_ORPHAN_TIMEOUT = 300.0
+UNACKED_RESEND = 5.0
+"""Seconds after which completion reports the daemon has not acknowledged are sent again."""
 PUB_HWM = 10_000
 """Chunks queued per subscriber link before PUB drops (subscribers fill gaps from the files)."""
 
@@ -74,6 +76,7 @@ class Worker:
         self.effects_done = 0
         self.last_heard = time.monotonic()
         self.last_sent = 0.0
+        self.last_resend = time.monotonic()
         self.connected = False
         self.disconnected_since: float | None = None
         self.stopping = False
@@ -297,6 +300,11 @@ class Worker:
             return
         if now - self.last_sent >= self.heartbeat:
             self.send({"t": "hb", "effects_done": self.effects_done})
+        if self.unacked and now - self.last_resend >= UNACKED_RESEND:
+            # A completion the daemon could not journal (e.g. disk full) is offered again.
+            self.last_resend = now
+            for report in list(self.unacked.values()):
+                self.send({"t": "finished", **report})
 
     def orphaned(self) -> None:
         for run in self.runs.values():
