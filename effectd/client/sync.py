@@ -17,7 +17,7 @@ from effectd.client.records import Chunk, EffectRecord, OutputSlice
 from effectd.client.spec import python_spec, shell_spec, sleep_spec
 from effectd.client.transport import ReqChannel
 from effectd.ipc import codec
-from effectd.ipc.endpoints import Endpoints, runtime_dir, state_dir
+from effectd.ipc.endpoints import Endpoints, runtime_dir, state_dir, stream_hwm
 from effectd.ipc.errors import DaemonUnavailable, EffectdError
 from effectd.ipc.schema import OUTPUT_STREAMS, EffectState, build_request
 
@@ -238,7 +238,7 @@ class Client:
         f = Follower.start(streams, from_offset)
         sub: zmq.Socket[bytes] = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, 100_000)
+        sub.setsockopt(zmq.RCVHWM, stream_hwm())
         sub.connect(self.endpoints.stream)
         sub.setsockopt(zmq.SUBSCRIBE, effect_id.encode())
         try:

@@ -101,6 +101,7 @@ class OutputWriter:
                 start = sf.offset
                 self._append(sf, data)
                 appended.append((name, start, data))
+                sf.dropped = dropped_middle  # the tail was kept after all: report what is gone
                 sf.tail = bytearray()
         self.close()
         return appended

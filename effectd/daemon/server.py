@@ -35,7 +35,7 @@ from effectd.daemon.retention import Retention
 from effectd.daemon.sdnotify import SystemdNotifier
 from effectd.daemon.worker import HEARTBEAT_LIVENESS
 from effectd.ipc import codec
-from effectd.ipc.endpoints import Endpoints
+from effectd.ipc.endpoints import Endpoints, stream_hwm
 from effectd.ipc.errors import DiskFull, EffectdError, InternalError
 from effectd.ipc.schema import (
     FINAL_STATES,
@@ -57,7 +57,6 @@ log = logging.getLogger("effectd.daemon")
 
 MAX_BATCH = 512
 """Messages taken from one socket per loop turn (fairness between clients, workers, streams)."""
-STREAM_HWM = 10_000
 WORKER_START_TIMEOUT = 30.0
 SPAWN_BACKOFF_MAX = 60.0
 SHUTDOWN_OVERRUN = 15.0
@@ -131,11 +130,11 @@ class Daemon:
             self.workers_sock.setsockopt(zmq.LINGER, 500)
             self.stream = ctx.socket(zmq.XPUB)
             self.stream.setsockopt(zmq.XPUB_VERBOSE, 1)
-            self.stream.setsockopt(zmq.SNDHWM, STREAM_HWM)
+            self.stream.setsockopt(zmq.SNDHWM, stream_hwm())
             self.stream.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscribers only send subscriptions
             self.stream.setsockopt(zmq.LINGER, 0)
             self.publish = ctx.socket(zmq.XSUB)
-            self.publish.setsockopt(zmq.RCVHWM, STREAM_HWM)
+            self.publish.setsockopt(zmq.RCVHWM, stream_hwm())
             self.publish.setsockopt(zmq.LINGER, 0)
             for sock, addr in ((self.control, ep.control), (self.workers_sock, ep.workers),
                                (self.stream, ep.stream), (self.publish, ep.publish)):

@@ -33,7 +33,7 @@ from effectd.daemon.output import DEFAULT_MAX_OUTPUT_BYTES, OutputWriter
 from effectd.daemon.proctree import become_subreaper, reap_orphan_zombies
 from effectd.daemon.runners import Chunk, Phase, PythonRun, Run, ShellRun, SleepRun
 from effectd.ipc import codec
-from effectd.ipc.endpoints import Endpoints
+from effectd.ipc.endpoints import Endpoints, stream_hwm
 from effectd.ipc.errors import EffectdError
 from effectd.ipc.schema import (
     DAEMON_TO_WORKER,
@@ -51,8 +51,6 @@ HEARTBEAT_LIVENESS = 3
 DEFAULT_ORPHAN_TIMEOUT = 300.0
 UNACKED_RESEND = 5.0
 """Seconds after which completion reports the daemon has not acknowledged are sent again."""
-PUB_HWM = 10_000
-"""Chunks queued per subscriber link before PUB drops (subscribers fill gaps from the files)."""
 
 
 class Worker:
@@ -68,7 +66,7 @@ class Worker:
         self.ctx = zmq.Context()
         self.dealer: zmq.Socket[bytes] = self._new_dealer()
         self.pub: zmq.Socket[bytes] = self.ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.SNDHWM, PUB_HWM)
+        self.pub.setsockopt(zmq.SNDHWM, stream_hwm())
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.connect(endpoints.publish)
         self.runs: dict[str, Run] = {}

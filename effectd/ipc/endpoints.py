@@ -21,6 +21,21 @@ because a second ipc bind silently steals the endpoint from the first daemon."""
 LOG_FILE = "effectd.log"
 """Log of a daemon started on demand (in the state dir)."""
 
+DEFAULT_STREAM_HWM = 256
+"""Messages queued per link on the stream path (worker PUB, daemon XSUB/XPUB, client SUB) before
+the publisher drops. Chunks are at most 64 KiB, so one stopped subscriber costs at most ~16 MiB
+per link; it then catches up from the output files. ``EFFECTD_STREAM_HWM`` overrides it (tests
+set it tiny to force drops)."""
+
+
+def stream_hwm(environ: Mapping[str, str] | None = None) -> int:
+    env = os.environ if environ is None else environ
+    try:
+        return max(1, int(env.get("EFFECTD_STREAM_HWM", DEFAULT_STREAM_HWM)))
+    except ValueError:
+        return DEFAULT_STREAM_HWM
+
+
 # Linux sockaddr_un.sun_path is 108 bytes including the NUL.
 MAX_IPC_PATH = 107
 
