@@ -137,9 +137,10 @@ class ScenarioResult:
     skipped: str | None = None
     error: str | None = None
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"title": self.title, "skipped": self.skipped, "error": self.error,
+        return {"title": self.title, "skipped": self.skipped, "error": self.error, "notes": self.notes,
                 "seconds": round(self.seconds, 3),
                 "rows": [{k: v for k, v in r.__dict__.items()} for r in self.rows],
                 "details": self.details}
