@@ -101,7 +101,8 @@ class RequestHandlers:
                  "effects_done": w.effects_done, "rss": w.rss}
                 for w in d.sched.live_workers()
             ],
-            "worker_restarts": d.worker_failures,
+            "worker_crashes": d.worker_failures,
+            "worker_crashes_recent": len(d.crash_times),
             "spawn_backoff": max(0.0, d.spawn_not_before - time.monotonic()),
             "draining": d.draining,
             "managed_by": d.managed_by,

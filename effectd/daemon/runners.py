@@ -112,7 +112,10 @@ def _child_setup(progress_fd: int, limits: dict[str, int] | None) -> Callable[[]
     def apply() -> None:
         os.dup2(progress_fd, PROGRESS_CHILD_FD, inheritable=True)
         for key, value in (limits or {}).items():
-            resource.setrlimit(names[key], (value, value))
+            # CPU: the hard limit one second above the soft one, so the soft limit's SIGXCPU
+            # (a clear "cpu time limit") arrives before the hard limit's SIGKILL.
+            hard = value + 1 if key == "cpu" else value
+            resource.setrlimit(names[key], (value, hard))
 
     return apply
 
@@ -391,7 +394,7 @@ class ShellRun(Run):
                                          signal=sig)
         if status == 0:
             return chunks + self._finish("succeeded", exit_code=0)
-        reason = f"killed by signal {sig}" if sig else f"exit code {status}"
+        reason = f"killed by {signal_name(sig)}{_LIMIT_SIGNALS.get(sig, '')}" if sig else f"exit code {status}"
         return chunks + self._finish("failed", reason=reason, exit_code=exit_code, signal=sig)
 
     def next_deadline(self) -> float | None:
@@ -557,6 +560,9 @@ class PythonRun(Run):
             self.poisons_worker = True
             return self._finish(self.end_state or "cancelled", reason=self.end_reason)
         return []
+
+
+_LIMIT_SIGNALS = {signal.SIGXCPU: " (cpu time limit)", signal.SIGXFSZ: " (file size limit)"}
 
 
 def signal_name(sig: int) -> str:

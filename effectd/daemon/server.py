@@ -14,6 +14,7 @@ Sockets (all bound here, in the 0700 runtime dir):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -59,6 +60,8 @@ MAX_BATCH = 512
 """Messages taken from one socket per loop turn (fairness between clients, workers, streams)."""
 WORKER_START_TIMEOUT = 30.0
 SPAWN_BACKOFF_MAX = 60.0
+CRASH_WINDOW = 60.0
+CRASH_LOOP_THRESHOLD = 3
 SHUTDOWN_OVERRUN = 15.0
 """Seconds past drain + kill grace after which shutdown stops without concluding everything."""
 
@@ -97,6 +100,7 @@ class Daemon:
         self.stop_now = False
         self.ready_sent = False
         self.worker_failures = 0
+        self.crash_times: collections.deque[float] = collections.deque()
         self.spawn_not_before = 0.0
         self._last_hb_sent = 0.0
         self.endpoints = Endpoints.for_runtime(config.runtime_dir)
@@ -342,7 +346,6 @@ class Daemon:
         worker.last_seen = time.monotonic()
         worker.idle_since = worker.idle_since or time.monotonic()
         worker.effects_done = msg.get("effects_done") or 0
-        self.worker_failures = 0
         for report in msg.get("finished") or []:
             with contextlib.suppress(EffectdError):
                 self.effect_finished(wid, check_finish(report))
@@ -400,9 +403,19 @@ class Daemon:
             log.warning("worker %s (pid %s) lost: %s; %d effect(s) affected", worker.id, worker.pid, why,
                         len(effects))
         if not was_stopping and not self.draining:
+            # Crash-loop protection: more than CRASH_LOOP_THRESHOLD crashes within
+            # CRASH_WINDOW seconds delays the next spawn exponentially (reported by hello).
+            now = time.monotonic()
+            self.crash_times.append(now)
+            while self.crash_times and now - self.crash_times[0] > CRASH_WINDOW:
+                self.crash_times.popleft()
             self.worker_failures += 1
-            backoff = min(SPAWN_BACKOFF_MAX, 0.1 * (2 ** min(self.worker_failures, 10)))
-            self.spawn_not_before = time.monotonic() + backoff if self.worker_failures > 2 else 0.0
+            recent = len(self.crash_times)
+            if recent > CRASH_LOOP_THRESHOLD:
+                backoff = min(SPAWN_BACKOFF_MAX, 0.1 * (2 ** (recent - CRASH_LOOP_THRESHOLD)))
+                self.spawn_not_before = now + backoff
+                log.warning("%d worker crashes in %.0fs: next worker start delayed %.1fs", recent,
+                            CRASH_WINDOW, backoff)
         for eff in effects:
             reason = eff.cancel_requested or "worker_lost"
             state = EffectState.CANCELLED if eff.cancel_requested else EffectState.FAILED
