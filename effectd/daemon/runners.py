@@ -157,6 +157,7 @@ class ShellRun(Run):
         env[EFFECT_MARKER_ENV] = self.effect_id
         self.proc: subprocess.Popen[bytes] | None = None
         self._pipes: dict[int, str] = {}
+        self._pipe_files: dict[int, Any] = {}
         self._pidfd = -1
         self._exit_status: int | None = None
         self._kill: TreeKill | None = None
@@ -201,6 +202,7 @@ class ShellRun(Run):
             fd = pipe.fileno()
             os.set_blocking(fd, False)
             self._pipes[fd] = name
+            self._pipe_files[fd] = pipe
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except OSError:
@@ -293,9 +295,16 @@ class ShellRun(Run):
                 return chunks
 
     def _close_pipe(self, fd: int) -> None:
+        # Close through the Popen file object that owns the descriptor: closing the raw fd
+        # would let the object close the same number again later, after it was reused by
+        # another effect's pipe.
         self._pipes.pop(fd, None)
+        pipe = self._pipe_files.pop(fd, None)
         with contextlib.suppress(OSError):
-            os.close(fd)
+            if pipe is not None:
+                pipe.close()
+            else:
+                os.close(fd)
 
     def on_readable(self, fd: int) -> list[Chunk]:
         if fd == self._pidfd:
