@@ -470,6 +470,40 @@ def daemon_stop(now: bool, timeout: float) -> None:
     click.echo(f"effectd stopped (pid {pid})")
 
 
+@daemon.command("install-unit")
+@click.option("--user", "scope", flag_value="user", default=True, help="A systemd --user unit (default).")
+@click.option("--system", "scope", flag_value="system", help="A system unit template effectd@.service.")
+@click.option("--dry-run", is_flag=True, help="Print the unit and the commands; write nothing.")
+@click.option("--path", "unit_dir", type=click.Path(file_okay=False), help="Directory to write the unit to.")
+def daemon_install_unit(scope: str, dry_run: bool, unit_dir: str | None) -> None:
+    """Write the systemd unit for this installation of effectd and print how to enable it."""
+    import shutil
+    from pathlib import Path
+
+    from effectd import unitfiles
+
+    exe = shutil.which("effectd") or str(Path(sys.executable).with_name("effectd"))
+    exe = str(Path(exe).resolve()) if Path(exe).exists() else exe
+    if scope == "user":
+        text, name = unitfiles.render_user_unit(exe), unitfiles.USER_UNIT_NAME
+        base = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "systemd" / "user"
+        commands = ["systemctl --user daemon-reload", "systemctl --user enable --now effectd",
+                    "loginctl enable-linger \"$USER\"   # optional: keep running while logged out"]
+    else:
+        text, name = unitfiles.render_system_unit(exe), unitfiles.SYSTEM_UNIT_NAME
+        base = Path("/etc/systemd/system")
+        commands = ["systemctl daemon-reload", "systemctl enable --now effectd@USERNAME",
+                    "export EFFECTD_RUNTIME_DIR=/run/effectd/USERNAME   # for clients of that instance"]
+    target = Path(unit_dir) / name if unit_dir else base / name
+    if dry_run:
+        click.echo(f"# would write {target}:\n{text}")
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        click.echo(f"wrote {target}")
+    click.echo("then run:\n  " + "\n  ".join(commands))
+
+
 @daemon.command("status")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
