@@ -53,10 +53,9 @@ class DaemonHandle:
         return self.root / "daemon.log"
 
     def start(self, wait: bool = True) -> DaemonHandle:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "effectd.daemon.main", *self.args],
-                                     env=self.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "effectd.daemon.main", *self.args],
+                                         env=self.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         if wait:
             self.wait_ready()
         return self
@@ -148,7 +147,7 @@ class DaemonHandle:
     def survivors(self, grace: float = 10.0) -> list[psutil.Process]:
         """Processes of this daemon still alive after ``grace`` seconds (waiting on their exit)."""
         procs = self.worker_processes() + self.effect_processes()
-        gone, alive = psutil.wait_procs(procs, timeout=grace)
+        _, alive = psutil.wait_procs(procs, timeout=grace)
         return [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 

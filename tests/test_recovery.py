@@ -86,7 +86,7 @@ def test_kill9_of_daemon_and_workers_leaves_nothing_running(daemon_factory: Any,
     # The retried one runs again (second attempt) and is still running: its first tree is gone.
     rec = wait_until(lambda: (r := c2.status(retried)).attempt == 2 and r, what="retry")
     assert rec.attempts and rec.attempts[0]["state"] == "lost"
-    gone, alive = psutil.wait_procs(victims, timeout=10)
+    _, alive = psutil.wait_procs(victims, timeout=10)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
     c2.cancel(retried)
     assert c2.wait(retried, timeout=20).state is EffectState.CANCELLED
@@ -103,11 +103,11 @@ def test_no_acknowledged_submit_is_lost_across_random_kill9(daemon_factory: Any)
     for _round in range(4):
         stop = threading.Event()
 
-        def submitter(n: int) -> None:
+        def submitter(n: int, stop: threading.Event = stop, round_no: int = _round) -> None:
             with Client(d.runtime, state=d.state, autostart=False, timeout=0.5, retries=0) as c:
                 while not stop.is_set():
                     try:
-                        eid = c.submit_shell(["true"], name=f"r{_round}-{n}")
+                        eid = c.submit_shell(["true"], name=f"r{round_no}-{n}")
                     except EffectdError:
                         continue  # not acknowledged: the daemon is down; nothing to account for
                     with lock:
@@ -117,7 +117,7 @@ def test_no_acknowledged_submit_is_lost_across_random_kill9(daemon_factory: Any)
         for t in threads:
             t.start()
         target = len(acked) + rng.randint(20, 120)
-        wait_until(lambda: len(acked) >= target, timeout=60, what="submits")
+        wait_until(lambda target=target: len(acked) >= target, timeout=60, what="submits")
         d.kill9()
         stop.set()
         for t in threads:

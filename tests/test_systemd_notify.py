@@ -52,7 +52,7 @@ def _run_notify_scenario(daemon_factory: Any, address: str, bind_to: str | bytes
 
 
 @pytest.mark.timeout(60)
-def test_notify_ready_watchdog_status_stopping_path_socket(daemon_factory: Any, tmp_path: Any) -> None:
+def test_notify_ready_watchdog_status_stopping_path_socket(daemon_factory: Any) -> None:
     path = f"/tmp/ed-notify-{os.getpid()}-{time.monotonic_ns()}.sock"
     try:
         msgs = _run_notify_scenario(daemon_factory, path, path)
@@ -60,7 +60,7 @@ def test_notify_ready_watchdog_status_stopping_path_socket(daemon_factory: Any, 
         if os.path.exists(path):
             os.unlink(path)
     ready_index = next(i for i, m in enumerate(msgs) if "READY=1" in m)
-    assert f"MAINPID=" in msgs[ready_index]
+    assert "MAINPID=" in msgs[ready_index]
     assert any("STATUS=" in m and "running" in m for m in msgs)
 
 

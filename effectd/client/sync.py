@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -103,7 +104,8 @@ class Client:
         key = request_key or f"{os.getpid()}-{os.urandom(8).hex()}"
         return str(self.call("submit", effect=dict(effect), request_key=key)["id"])
 
-    def submit_many(self, effects: Sequence[Mapping[str, Any]], *, request_key: str | None = None) -> list[str]:
+    def submit_many(self, effects: Sequence[Mapping[str, Any]], *,
+                    request_key: str | None = None) -> builtins.list[str]:
         """Submit several effects in one atomic commit."""
         key = request_key or f"{os.getpid()}-{os.urandom(8).hex()}"
         return list(self.call("submit_many", effects=[dict(e) for e in effects], request_key=key)["ids"])
@@ -123,16 +125,17 @@ class Client:
     def status(self, effect_id: str) -> EffectRecord:
         return self.status_many([effect_id])[0]
 
-    def status_many(self, ids: Sequence[str]) -> list[EffectRecord]:
+    def status_many(self, ids: Sequence[str]) -> builtins.list[EffectRecord]:
         return [EffectRecord.from_wire(r) for r in self.call("status", ids=list(ids))["effects"]]
 
     def list(self, *, states: Sequence[str] | None = None, labels: Mapping[str, str] | None = None,
-             name: str | None = None, limit: int = 100, before: str | None = None) -> list[EffectRecord]:
+             name: str | None = None, limit: int = 100, before: str | None = None) -> builtins.list[EffectRecord]:
         reply = self.call("list", states=list(states) if states else None,
                           labels=dict(labels) if labels else None, name=name, limit=limit, before=before)
         return [EffectRecord.from_wire(r) for r in reply["effects"]]
 
-    def _wait(self, ids: list[str], timeout: float | None, first: bool) -> tuple[list[EffectRecord], bool]:
+    def _wait(self, ids: builtins.list[str], timeout: float | None,
+              first: bool) -> tuple[builtins.list[EffectRecord], bool]:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = WAIT_SLICE if deadline is None else max(0.0, min(WAIT_SLICE, deadline - time.monotonic()))
@@ -147,7 +150,7 @@ class Client:
         return self.wait_many([effect_id], timeout=timeout)[0]
 
     def wait_many(self, ids: Sequence[str], timeout: float | None = None,
-                  return_when: str = "all") -> list[EffectRecord]:
+                  return_when: str = "all") -> builtins.list[EffectRecord]:
         """Wait for all (``return_when="all"``) or the first (``"first"``) of ``ids``."""
         records, _ = self._wait(list(ids), timeout, return_when == "first")
         return records
@@ -173,7 +176,7 @@ class Client:
         rec = self.status(effect_id)
         return rec if rec.final else EffectRecord.from_wire({**rec.to_json(), **reply})
 
-    def cancel(self, *ids: str, reason: str | None = None) -> list[dict[str, Any]]:
+    def cancel(self, *ids: str, reason: str | None = None) -> builtins.list[dict[str, Any]]:
         return list(self.call("cancel", ids=list(ids), reason=reason)["effects"])
 
     def read_output(self, effect_id: str, stream: str = "stdout", offset: int = 0,
@@ -197,7 +200,7 @@ class Client:
         """Limit how many effects of ``group`` run at once (None: no limit). Persisted."""
         self.call("group_set", name=name, parallel=parallel)
 
-    def groups(self) -> list[dict[str, Any]]:
+    def groups(self) -> builtins.list[dict[str, Any]]:
         return list(self.call("groups")["groups"])
 
     def gc(self, *, retain_days: float | None = None, retain_count: int | None = None,

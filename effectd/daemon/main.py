@@ -33,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path, help="journal and outputs (default: $EFFECTD_STATE_DIR, "
                    "$XDG_STATE_HOME/effectd or ~/.local/state/effectd)")
     p.add_argument("--parallel", type=int, default=d.parallel, help=f"effects running at once (default {d.parallel})")
-    p.add_argument("--min-workers", type=int, default=d.min_workers, help=f"workers kept warm (default {d.min_workers})")
-    p.add_argument("--max-workers", type=int, default=d.max_workers, help=f"worker processes at most (default {d.max_workers})")
+    p.add_argument("--min-workers", type=int, default=d.min_workers,
+                   help=f"workers kept warm (default {d.min_workers})")
+    p.add_argument("--max-workers", type=int, default=d.max_workers,
+                   help=f"worker processes at most (default {d.max_workers})")
     p.add_argument("--worker-slots", type=int, default=d.worker_slots,
                    help=f"shell/sleep effects per worker (default {d.worker_slots})")
     p.add_argument("--worker-idle-timeout", type=float, default=d.worker_idle_timeout)

@@ -387,12 +387,11 @@ class ShellRun(Run):
             return chunks
         if self._kill is not None and not self._kill.done:
             return chunks
-        if self._leftover_kill is None and self._kill is None:
+        if self._leftover_kill is None and self._kill is None and self._has_leftovers():
             # Normal exit with pipes closed; still take down anything it left behind.
-            if self._has_leftovers():
-                self._leftover_kill = TreeKill(self.effect_id, None, grace=LEFTOVER_GRACE)
-                self._leftover_kill.start()
-                return chunks
+            self._leftover_kill = TreeKill(self.effect_id, None, grace=LEFTOVER_GRACE)
+            self._leftover_kill.start()
+            return chunks
         if self._leftover_kill is not None and not self._leftover_kill.done:
             return chunks
         status = self._exit_status
@@ -503,7 +502,10 @@ class PythonRun(Run):
         global _progress_hook
         spec = self.spec
         cwd = spec.get("cwd")
-        _progress_hook = lambda fraction, message: self._put(("progress", (fraction, message)))
+        def hook(fraction: float | None, message: str | None) -> None:
+            self._put(("progress", (fraction, message)))
+
+        _progress_hook = hook
         os.environ[EFFECT_MARKER_ENV] = self.effect_id
         try:
             if cwd:
@@ -520,7 +522,7 @@ class PythonRun(Run):
             if len(packed) > MAX_RESULT_BYTES:
                 raise ValueError(f"result of {len(packed)} bytes exceeds {MAX_RESULT_BYTES}")
             self._put(("done", value))
-        except BaseException as exc:  # noqa: BLE001 - everything the effect raises is its outcome
+        except BaseException as exc:  # everything the effect raises is its outcome
             if isinstance(exc, TypeError) and "serializ" in str(exc):
                 exc = TypeError(f"the return value or a yielded value is not msgpack-serializable: {exc}")
             self._put(("error", _error_info(exc)))
@@ -571,7 +573,8 @@ class PythonRun(Run):
         return []
 
 
-_LIMIT_SIGNALS = {signal.SIGXCPU: " (cpu time limit)", signal.SIGXFSZ: " (file size limit)"}
+_LIMIT_SIGNALS: dict[int, str] = {int(signal.SIGXCPU): " (cpu time limit)",
+                                   int(signal.SIGXFSZ): " (file size limit)"}
 
 
 def signal_name(sig: int) -> str:

@@ -213,10 +213,8 @@ class Daemon:
         self.outbox = kept
         # Memory may be ahead of the journal now: reload what the journal holds.
         for eid in list(self.sched.effects):
-            rec = self.journal.get(eid)
-            if rec is None:
-                eff = self.sched.effects.pop(eid)
-                self.sched.release(eff, time.time())
+            if self.journal.get(eid) is None:
+                self.sched.release(self.sched.effects.pop(eid), time.time())
         for rec in self.journal.unfinished():
             eff = self.sched.effects.get(rec["id"])
             if eff is not None and eff.state.value != rec["state"]:

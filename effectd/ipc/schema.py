@@ -196,7 +196,8 @@ def check_field(f: Field, value: Any, where: str | None = None) -> Any:
             for key, item in value.items():
                 if len(key) > MAX_SHORT_STR:
                     raise BadRequest(f"{where}: key longer than {MAX_SHORT_STR} characters")
-                _check_scalar(f"{where}.{key}", f.items, item, Field(key, f.items, max_len=f.max_len and MAX_COMMAND_LEN))
+                value_field = Field(key, f.items, max_len=f.max_len and MAX_COMMAND_LEN)
+                _check_scalar(f"{where}.{key}", f.items, item, value_field)
         return value
     return _check_scalar(where, f.type, value, f)
 

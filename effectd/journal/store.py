@@ -7,6 +7,7 @@ before its commit is durable (WAL + ``synchronous=FULL``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -114,10 +115,8 @@ class Journal:
 
     def rollback(self) -> None:
         if self._in_batch:
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
             self._in_batch = False
 
     def _write(self, sql: str, params: Iterable[Any] = ()) -> None:
@@ -218,8 +217,6 @@ class Journal:
 
     def close(self) -> None:
         self.rollback()
-        try:
+        with contextlib.suppress(sqlite3.Error):
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error:
-            pass
         self._db.close()
