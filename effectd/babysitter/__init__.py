@@ -1,5 +1,20 @@
-"""Interop with a5c-ai *babysitter* runs; see :mod:`effectd.babysitter.sdk`."""
+"""Interop with a5c-ai *babysitter* runs: :mod:`effectd.babysitter.sdk` (the SDK's CLI, journal
+and conventions) and :mod:`effectd.babysitter.driver` (drive a run with effectd). The click
+command group ``babysitter`` lives in :mod:`effectd.babysitter.cli` (not imported here)."""
 
+from effectd.babysitter.driver import (
+    EXIT_COMPLETED,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_TIMED_OUT,
+    EXIT_WAITING,
+    DriveError,
+    DriveEvent,
+    Driver,
+    DriveResult,
+    EffectOutcome,
+    drive,
+)
 from effectd.babysitter.sdk import (
     INLINE_VALUE_LIMIT,
     SDK_PACKAGE,
@@ -25,16 +40,27 @@ from effectd.babysitter.sdk import (
 )
 
 __all__ = [
+    "EXIT_COMPLETED",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_TIMED_OUT",
+    "EXIT_WAITING",
     "INLINE_VALUE_LIMIT",
     "SDK_PACKAGE",
     "SDK_VERSION",
     "BabysitterCli",
     "BabysitterError",
+    "DriveError",
+    "DriveEvent",
+    "DriveResult",
+    "Driver",
+    "EffectOutcome",
     "IterateResult",
     "JournalEvent",
     "NodeTaskSpec",
     "PendingEffect",
     "ShellTaskSpec",
+    "drive",
     "load_task_def",
     "parse_node_task",
     "parse_shell_task",
