@@ -263,6 +263,12 @@ def test_autostart_starts_a_daemon(daemon_factory: Any) -> None:
             # Two coroutines connecting at once start one daemon.
             a, b = await asyncio.gather(c.hello(), c.hello())
             assert a["pid"] == b["pid"] and a["managed_by"] != "systemd"
+            # Stop it once its worker is ready (a daemon stopped while its first worker is
+            # still starting waits for that worker's start-up timeout before exiting).
+            deadline = time.monotonic() + 20
+            while not any(w["state"] == "ready" for w in (await c.hello())["workers"]):
+                assert time.monotonic() < deadline, "no worker became ready"
+                await asyncio.sleep(0.02)  # bounded start-up poll
             with contextlib.suppress(DaemonUnavailable):
                 await c.shutdown(drain=False)
 
