@@ -550,7 +550,26 @@ def reap_orphan_zombies(protected_pids: set[int]) -> list[int]:
     ``waitpid(pid, WNOHANG)`` on specific pids, never ``waitpid(-1)``.
     Returns the reaped pids.
     """
-    return _reap_from(_snapshot(), set(protected_pids))
+    # Only our own children can be reaped, so list them (cheap: /proc/self/task/*/children)
+    # instead of scanning every process on the machine.
+    reaped: list[int] = []
+    try:
+        children = psutil.Process().children(recursive=False)
+    except psutil.Error:
+        return reaped
+    for child in children:
+        pid = child.pid
+        if pid in protected_pids or pid <= 0:
+            continue
+        try:
+            if child.status() not in _DEAD_STATUSES:
+                continue
+            got, _status = os.waitpid(pid, os.WNOHANG)
+        except (ChildProcessError, psutil.Error):
+            continue
+        if got == pid:
+            reaped.append(pid)
+    return reaped
 
 
 # --------------------------------------------------------------------------

@@ -49,6 +49,8 @@ HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_LIVENESS = 3
 """Silent intervals after which the peer is considered gone."""
 DEFAULT_ORPHAN_TIMEOUT = 300.0
+REAP_INTERVAL = 0.2
+"""How often orphaned zombies (adopted as subreaper) are reaped."""
 UNACKED_RESEND = 5.0
 """Seconds after which completion reports the daemon has not acknowledged are sent again."""
 
@@ -75,6 +77,7 @@ class Worker:
         self.last_heard = time.monotonic()
         self.last_sent = 0.0
         self.last_resend = time.monotonic()
+        self.last_reap = 0.0
         self.connected = False
         self.disconnected_since: float | None = None
         self.stopping = False
@@ -271,7 +274,9 @@ class Worker:
             for run in self.runs.values():
                 if isinstance(run, ShellRun):
                     protected |= run.protected_pids()
-            reap_orphan_zombies(protected)
+            if time.monotonic() - self.last_reap >= REAP_INTERVAL:
+                self.last_reap = time.monotonic()
+                reap_orphan_zombies(protected)
             self._heartbeat(time.monotonic())
         self.close()
         return 0
