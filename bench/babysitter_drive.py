@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +210,17 @@ def drive_executor(cli: BabysitterCli, run_dir: Path, daemon: Daemon) -> dict[st
     return {"status": res.status, "output": res.output, "iterates": res.iterations, "posts": res.posts}
 
 
+def run_executor(name: str, cli: BabysitterCli, run_dir: Path, logs: Path,
+                 daemon: Daemon | None) -> dict[str, Any]:
+    if name == "serial":
+        return serial_executor(cli, run_dir, logs)
+    if name == "parallel":
+        return parallel_executor(cli, run_dir, logs)
+    if name == "drive" and daemon is not None:
+        return drive_executor(cli, run_dir, daemon)
+    raise SystemExit(f"unknown executor {name!r}")
+
+
 # ---- main -------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -250,13 +261,8 @@ def main() -> None:
                                              run_id=f"{name}-{i}")
                     logs = root / "logs" / f"{name}-{i}"
                     logs.mkdir(parents=True)
-                    executors: dict[str, Callable[[], dict[str, Any]]] = {
-                        "serial": lambda: serial_executor(cli, run_dir, logs),
-                        "parallel": lambda: parallel_executor(cli, run_dir, logs),
-                        "drive": lambda: drive_executor(cli, run_dir, daemon),  # type: ignore[arg-type]
-                    }
                     t0 = time.monotonic()
-                    res = executors[name]()
+                    res = run_executor(name, cli, run_dir, logs, daemon)
                     times[name].append(time.monotonic() - t0)
                     if res["status"] != "completed":
                         raise SystemExit(f"{name}: run ended {res['status']}")
