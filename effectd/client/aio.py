@@ -461,6 +461,8 @@ class AsyncClient:
             if name not in OUTPUT_STREAMS:
                 raise ValueError(f"unknown stream {name!r}")
         await self.connect()
+        if self._closed:
+            raise DaemonUnavailable("the client is closed")
         f = Follower.start(streams, from_offset)
         sub = self.ctx.socket(zmq.SUB)
         self._subs.add(sub)
@@ -496,6 +498,8 @@ class AsyncClient:
                     if (await self.status(effect_id)).final:
                         f.finished(await self._final_sizes(effect_id, streams))
                     continue
+                if recv.cancelled():  # the client was closed under us
+                    raise DaemonUnavailable("the client was closed during the stream")
                 frames = recv.result()
                 recv = asyncio.ensure_future(sub.recv_multipart())
                 if len(frames) != 3:
