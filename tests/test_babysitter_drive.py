@@ -300,6 +300,9 @@ def test_sleep_is_posted_at_its_target_never_before(
     resolved = next(e for e in read_journal(run_dir)
                     if e.type == "EFFECT_RESOLVED" and e.data["effectId"] == sleep_id)
     assert resolved.recorded_at is not None and epoch(resolved.recorded_at) * 1000 >= until
+    assert "stdoutRef" not in resolved.data or resolved.data["stdoutRef"] is None
+    value = json.loads((run_dir / "tasks" / sleep_id / "result.json").read_text())["value"]
+    assert epoch(value["sleptUntil"]) * 1000 >= until
     sleeps = [r for r in effectd_records(daemon, run_dir) if r.kind == "sleep"]
     assert len(sleeps) == 1 and sleeps[0].labels["babysitter.effect"] == sleep_id
 

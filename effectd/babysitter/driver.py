@@ -337,9 +337,11 @@ class _Gate:
         serial: int,
         started_at: float | None = None,
         finished_at: float | None = None,
+        with_output: bool = True,
     ) -> None:
         self.effect_id = effect_id
         self.status = status
+        self.with_output = with_output
         base = workdir / f"{effect_id}.{serial}"
         self.stdout_path = Path(f"{base}.stdout")
         self.stderr_path = Path(f"{base}.stderr")
@@ -347,10 +349,11 @@ class _Gate:
         args = [
             "task:post", str(run_dir), effect_id, "--status", status, "--json",
             "--metadata", "-",
-            "--stdout-file", str(self.stdout_path),
-            "--stderr-file", str(self.stderr_path),
-            "--value" if status == "ok" else "--error", str(self.payload_path),
         ]
+        if with_output:
+            args += ["--stdout-file", str(self.stdout_path),
+                     "--stderr-file", str(self.stderr_path)]
+        args += ["--value" if status == "ok" else "--error", str(self.payload_path)]
         for flag, when in (("--started-at", started_at), ("--finished-at", finished_at)):
             iso = _iso(when)
             if iso is not None:
@@ -366,8 +369,9 @@ class _Gate:
 
     def fill(self, stdout: str, stderr: str, payload: Any) -> None:
         """Write the files the post reads after its gate; the payload last, by rename."""
-        self.stdout_path.write_text(stdout, encoding="utf-8")
-        self.stderr_path.write_text(stderr, encoding="utf-8")
+        if self.with_output:
+            self.stdout_path.write_text(stdout, encoding="utf-8")
+            self.stderr_path.write_text(stderr, encoding="utf-8")
         tmp = Path(f"{self.payload_path}.tmp")
         tmp.write_text(_json_dumps(payload), encoding="utf-8")
         os.replace(tmp, self.payload_path)
@@ -707,8 +711,11 @@ class Driver:
             out.write_text(tracked.stdout, encoding="utf-8")
             err.write_text(tracked.stderr, encoding="utf-8")
             rec = tracked.record
+            with_output = tracked.effect.kind != "sleep"
             common: dict[str, Any] = {
-                "stdout_file": out, "stderr_file": err, "metadata": metadata,
+                "stdout_file": out if with_output else None,
+                "stderr_file": err if with_output else None,
+                "metadata": metadata,
                 "started_at": rec.started_at if rec else None,
                 "finished_at": rec.finished_at if rec else None,
             }
@@ -1023,6 +1030,7 @@ class Driver:
                 self._gate_serial,
                 started_at=rec.started_at if rec is not None else None,
                 finished_at=rec.finished_at if rec is not None else None,
+                with_output=tracked.effect.kind != "sleep",
             )
         except OSError as exc:
             raise DriveError(f"cannot run babysitter ({shlex.join(self.cli.command)}): {exc}"
