@@ -64,3 +64,15 @@ def leak_memory(megabytes: int) -> int:
 
 
 _LEAK: bytearray = bytearray()
+
+
+def huge_string(megabytes: int) -> str:
+    return "x" * (megabytes * 1024 * 1024)
+
+
+def int_keys() -> dict[int, int]:
+    return {1: 2}
+
+
+def cwd() -> str:
+    return os.getcwd()

@@ -25,6 +25,19 @@ EXIT_ALREADY_RUNNING = 75
 DEFAULT_START_TIMEOUT = 15.0
 
 
+def check_runtime_dir(runtime: Path) -> None:
+    """Refuse a runtime dir another user owns or others can write: whoever controls it could
+    impersonate the daemon (notably with the /tmp/effectd-<uid> fallback)."""
+    try:
+        st = runtime.stat()
+    except FileNotFoundError:
+        return
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise DaemonUnavailable(
+            f"refusing runtime dir {runtime}: owned by uid {st.st_uid} with mode {st.st_mode & 0o777:o} "
+            f"(must be ours and not group/other-writable)")
+
+
 def running_pid(runtime: Path) -> int | None:
     """The pid of the daemon holding the runtime dir's lock, or None if no daemon holds it."""
     path = runtime / LOCK_FILE

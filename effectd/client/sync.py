@@ -20,7 +20,7 @@ from effectd.client.transport import ReqChannel
 from effectd.ipc import codec
 from effectd.ipc.endpoints import Endpoints, runtime_dir, state_dir, stream_hwm
 from effectd.ipc.errors import DaemonUnavailable, EffectdError
-from effectd.ipc.schema import OUTPUT_STREAMS, EffectState, build_request
+from effectd.ipc.schema import MAX_READ_BYTES, OUTPUT_STREAMS, EffectState, build_request
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_RETRIES = 2
@@ -75,6 +75,7 @@ class Client:
         """Make sure a daemon answers (starting one if allowed)."""
         if self._connected:
             return
+        autostart.check_runtime_dir(self.runtime)
         if autostart.running_pid(self.runtime) is None:
             if not self._autostart:
                 raise DaemonUnavailable(f"effectd is not running for {self.runtime} (autostart disabled)")
@@ -217,7 +218,7 @@ class Client:
     def _fill(self, f: Follower, stream: str, until: int | None) -> Iterator[Chunk]:
         """Read the store from f.expected[stream] up to ``until`` (None: to the current end)."""
         while until is None or f.expected[stream] < until:
-            want = None if until is None else until - f.expected[stream]
+            want = None if until is None else min(until - f.expected[stream], MAX_READ_BYTES)
             piece = self.read_output(self._stream_id, stream, f.expected[stream], want)
             chunk = f.stored(stream, piece.offset, piece.data)
             if chunk is not None:

@@ -201,7 +201,8 @@ class Scheduler:
         for dep in eff.after:
             state = self.effects[dep].state if dep in self.effects else lookup(dep)
             if state is None:
-                return "failed"
+                # Deleted by retention: it was final; its outcome is no longer known.
+                return "ready" if eff.spec.get("after_any_outcome") else "failed"
             if not state.final:
                 return "wait"
             if state is not EffectState.SUCCEEDED and not eff.spec.get("after_any_outcome"):

@@ -102,7 +102,7 @@ class RequestHandlers:
                 for w in d.sched.live_workers()
             ],
             "worker_crashes": d.worker_failures,
-            "worker_crashes_recent": len(d.crash_times),
+            "worker_crashes_recent": d.recent_crashes(),
             "spawn_backoff": max(0.0, d.spawn_not_before - time.monotonic()),
             "draining": d.draining,
             "managed_by": d.managed_by,
@@ -140,6 +140,8 @@ class RequestHandlers:
             d.sched.add(eff)
             d.journal.put_effect(eff.to_record(), "submitted", new=True)
         if request_key is not None:
+            for eff in effects:
+                eff.spec["request_key"] = request_key  # so gc can drop the key with the effect
             d.journal.put_request_key(request_key, [e.id for e in effects])
         return [e.id for e in effects]
 

@@ -46,7 +46,8 @@ class Retention:
         kept = 0
         kept_bytes = 0
         doomed: list[str] = []
-        # Newest first: keep while within every limit; everything older than the first breach goes.
+        keys: list[str] = []
+        # Newest first: an effect is kept while it fits every limit (count, bytes, age).
         for rec in self.journal.iter_final_newest_first():
             size = sum((rec.get("sizes") or {}).values())
             finished = rec.get("finished_at") or rec.get("submitted_at") or 0.0
@@ -55,11 +56,14 @@ class Retention:
                 kept_bytes += size
             else:
                 doomed.append(rec["id"])
+                key = (rec.get("spec") or {}).get("request_key")
+                if key:
+                    keys.append(key)
         freed = 0
         for eid in doomed:
             freed += self.outputs.remove(eid)
         for start in range(0, len(doomed), 500):
-            self.journal.delete_effects(doomed[start:start + 500])
+            self.journal.delete_effects(doomed[start:start + 500], keys if start == 0 else ())
         if doomed:
             log.info("gc removed %d effects, freed %d output bytes", len(doomed), freed)
         return {"removed": len(doomed), "freed_bytes": freed, "kept": kept, "kept_bytes": kept_bytes}

@@ -29,6 +29,7 @@ import psutil
 
 from effectd.daemon.output import OutputWriter
 from effectd.daemon.proctree import EFFECT_MARKER_ENV, ProcessIdentity, TreeKill, effect_processes
+from effectd.ipc import codec
 
 READ_CHUNK = 64 * 1024
 MAX_RESULT_BYTES = 16 * 1024 * 1024
@@ -507,9 +508,11 @@ class PythonRun(Run):
 
         _progress_hook = hook
         os.environ[EFFECT_MARKER_ENV] = self.effect_id
+        saved_cwd = os.getcwd()
+        added_path = bool(cwd) and cwd not in sys.path
         try:
             if cwd:
-                if cwd not in sys.path:
+                if added_path:
                     sys.path.insert(0, cwd)
                 os.chdir(cwd)
             func = _resolve(spec["target"])
@@ -521,6 +524,9 @@ class PythonRun(Run):
             packed = msgpack.packb(value, use_bin_type=True)
             if len(packed) > MAX_RESULT_BYTES:
                 raise ValueError(f"result of {len(packed)} bytes exceeds {MAX_RESULT_BYTES}")
+            # The report must pass the daemon's decoder limits (string and container sizes,
+            # string map keys), or it would be refused and the effect never concluded.
+            codec.unpack(packed, max_bytes=MAX_RESULT_BYTES)
             self._put(("done", value))
         except BaseException as exc:  # everything the effect raises is its outcome
             if isinstance(exc, TypeError) and "serializ" in str(exc):
@@ -529,6 +535,11 @@ class PythonRun(Run):
         finally:
             _progress_hook = None
             os.environ.pop(EFFECT_MARKER_ENV, None)
+            with contextlib.suppress(OSError):
+                os.chdir(saved_cwd)  # the next effect of this worker starts where the worker was
+            if added_path and cwd:
+                with contextlib.suppress(ValueError):
+                    sys.path.remove(cwd)
             with contextlib.suppress(Exception):
                 sys.stdout.flush()
                 sys.stderr.flush()

@@ -89,6 +89,7 @@ class Daemon:
         self.waiters: list[Waiter] = []
         self.outbox: list[tuple[zmq.Socket[bytes], list[bytes], bool]] = []
         self.pending_kills: dict[str, PendingKill] = {}
+        self.final_markers: list[str] = []
         self.adopting: dict[str, float] = {}
         self.procs = WorkerProcesses(config)
         self.notifier = SystemdNotifier.from_environ()
@@ -125,7 +126,9 @@ class Daemon:
         try:
             self.control = ctx.socket(zmq.ROUTER)
             self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            self.control.setsockopt(zmq.MAXMSGSIZE, codec.MAX_REQUEST_BYTES)
+            # Twice the decoder's limit: a request somewhat too large gets a too_large reply; a
+            # huge one makes libzmq drop the connection before it is buffered.
+            self.control.setsockopt(zmq.MAXMSGSIZE, 2 * codec.MAX_REQUEST_BYTES)
             self.control.setsockopt(zmq.LINGER, 500)
             self.control.setsockopt(zmq.SNDHWM, 10_000)
             self.workers_sock = ctx.socket(zmq.ROUTER)
@@ -190,6 +193,11 @@ class Daemon:
         except DiskFull as exc:
             log.error("journal commit failed, refusing this batch: %s", exc)
             self._after_failed_commit(exc)
+            self.final_markers = []
+        for eid in self.final_markers:  # only once the final state is durable
+            with contextlib.suppress(OSError):
+                self.outputs.mark_final(eid)
+        self.final_markers = []
         outbox, self.outbox = self.outbox, []
         for sock, frames, _ in outbox:
             try:
@@ -241,15 +249,26 @@ class Daemon:
             msg = codec.unpack(body_frames[0])
             request_id = request_id_of(msg)
             req = parse_request(msg)
-            fields = self.handlers.dispatch(ident, req)
-            if fields is not None:
-                self.reply(ident, req.id, fields)
         except EffectdError as exc:
             self.reply_error(ident, request_id, exc)
+            return
+        # A savepoint per request: a request that fails half-way undoes only its own writes,
+        # never those of other requests in the same batch whose replies are already queued.
+        self.journal.savepoint()
+        try:
+            fields = self.handlers.dispatch(ident, req)
+        except EffectdError as exc:
+            self.journal.rollback_to_savepoint()
+            self.reply_error(ident, req.id, exc)
+            return
         except Exception as exc:
-            log.exception("request failed")
-            self.journal.rollback()
-            self.reply_error(ident, request_id, InternalError(f"{type(exc).__name__}: {exc}"))
+            log.exception("request %s failed", req.op)
+            self.journal.rollback_to_savepoint()
+            self.reply_error(ident, req.id, InternalError(f"{type(exc).__name__}: {exc}"))
+            return
+        self.journal.release_savepoint()
+        if fields is not None:
+            self.reply(ident, req.id, fields)
 
     # ---- effects --------------------------------------------------------------------------
 
@@ -259,7 +278,7 @@ class Daemon:
         self.adopting.pop(eff.id, None)
         if final:
             self.journal.put_effect(eff.to_record(), "finished")
-            self.outputs.mark_final(eff.id)
+            self.final_markers.append(eff.id)
             self.publish_event(eff.id, "finished", state=eff.state.value, attempt=eff.attempt,
                                sizes=self.outputs.sizes(eff.id))
         else:
@@ -472,6 +491,12 @@ class Daemon:
             self.ready_sent = True
             self.notifier.ready()
         self.notifier.tick()
+
+    def recent_crashes(self) -> int:
+        now = time.monotonic()
+        while self.crash_times and now - self.crash_times[0] > CRASH_WINDOW:
+            self.crash_times.popleft()
+        return len(self.crash_times)
 
     def ready_workers(self) -> int:
         return sum(1 for w in self.sched.workers.values() if w.state is WorkerState.READY)

@@ -113,6 +113,20 @@ class Journal:
         self._in_batch = False
         self.commits += 1
 
+    def savepoint(self) -> None:
+        """Mark the start of one request's writes inside the batch."""
+        self._begin()
+        self._db.execute("SAVEPOINT request")
+
+    def release_savepoint(self) -> None:
+        self._db.execute("RELEASE SAVEPOINT request")
+
+    def rollback_to_savepoint(self) -> None:
+        """Undo only the current request's writes; the rest of the batch stays."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("ROLLBACK TO SAVEPOINT request")
+            self._db.execute("RELEASE SAVEPOINT request")
+
     def rollback(self) -> None:
         if self._in_batch:
             with contextlib.suppress(sqlite3.Error):
@@ -158,7 +172,9 @@ class Journal:
     def set_meta(self, key: str, value: Any) -> None:
         self._write("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, _pack(value)))
 
-    def delete_effects(self, ids: list[str]) -> None:
+    def delete_effects(self, ids: list[str], request_keys: Iterable[str] = ()) -> None:
+        for key in request_keys:
+            self._write("DELETE FROM request_keys WHERE key = ?", (key,))
         for eid in ids:
             self._write("DELETE FROM effects WHERE id = ?", (eid,))
             self._write("DELETE FROM labels WHERE effect_id = ?", (eid,))
