@@ -31,9 +31,10 @@ the bridge's own ops ``subscribe`` and ``unsubscribe``. The reply carries the sa
 * ``submit``/``submit_many`` without ``request_key`` get a fresh one, so the client's resends
   are idempotent. Effect specs are passed as given: a shell effect without ``cwd``/``env``
   gets the daemon's (unlike the Python helpers, which send the caller's).
-* The reply's ``id`` is always the request's. Where the wire reply has an ``id`` field of its
-  own (``submit`` and ``read_output``: the effect id) it is renamed ``effect``. ``hello``'s
-  reply also has ``bridge: {protocol, pid, ops}``.
+* ``id`` is always the request id. The wire ops that name one effect ``id`` (``result``,
+  ``read_output``) take it as ``effect`` over the bridge, and a wire reply's own ``id`` field
+  (``submit``, ``read_output``: the effect id) comes back as ``effect``. ``hello``'s reply
+  also has ``bridge: {protocol, pid, ops}``.
 * ``wait`` is answered when the daemon answers (``timeout`` defaults to 30 s, at most 3600).
 * Bytes are never written raw. ``read_output`` replies carry ``data`` as text plus
   ``"encoding": "utf-8"`` when the bytes are valid UTF-8, else base64 with
@@ -270,9 +271,14 @@ class Bridge:
             known = ", ".join(sorted([*OPS, *BRIDGE_OPS]))
             raise _RequestFailed("unknown_op", f"unknown op {op[:64]!r}; known: {known}")
         allowed = {f.name for f in spec.fields}
+        effect_is_id = "id" in allowed  # result, read_output: the request owns "id"
+        if effect_is_id:
+            allowed = (allowed - {"id"}) | {"effect"}
         for name in fields:
             if name not in allowed:
                 raise _RequestFailed("bad_request", f"{name[:64]}: unknown field")
+        if effect_is_id and "effect" in fields:
+            fields["id"] = fields.pop("effect")
         if op in ("submit", "submit_many") and fields.get("request_key") is None:
             fields["request_key"] = f"bridge-{os.getpid()}-{os.urandom(8).hex()}"
         if op == "hello" and fields.get("client") is None:
@@ -310,7 +316,7 @@ class Bridge:
             raise _RequestFailed("bad_request", "id: a subscription needs a request id")
         try:
             args = check_fields((Field("effect", "id", required=True),
-                                 Field("streams", "list", items="str", min=1, max_len=3),
+                                 Field("streams", "list", items="str", min=1, max_len=16),
                                  Field("from_offset", "int", min=0, max=1 << 62, default=0)), fields)
         except BadRequest as exc:
             raise _RequestFailed(exc.code, exc.message) from exc

@@ -3,9 +3,7 @@ concurrency, cwd/env, spawn failures, list/status/result errors and exact late-j
 
 Most tests share one module-scoped daemon (a daemon per test would dominate the run time);
 tests that need other daemon flags, or reproduce a bug, start their own through conftest's
-fixtures. Either way teardown proves no worker or effect process survives. Tests marked
-``xfail(strict=True)`` reproduce effectd bugs (see their reasons): once a bug is fixed the test
-passes, fails as XPASS, and its marker should go.
+fixtures. Either way teardown proves no worker or effect process survives.
 """
 
 from __future__ import annotations
@@ -26,14 +24,6 @@ from tests.conftest import DaemonHandle, cleanup_daemon, make_daemon, wait_until
 
 UNKNOWN_ID = "0" * 26  # a well-formed ULID no daemon ever generates (timestamp 0)
 SEQ_200K = b"".join(b"%d\n" % i for i in range(1, 200_001))
-
-BUG_PYTHON_OUTPUT_RACE = (
-    "bug: PythonRun._main queues 'done' before flushing sys.stdout/stderr, and the worker ends "
-    "the run without draining its capture pipes: printed output arrives as 'stray output "
-    "outside any effect' and is dropped")
-BUG_POISONED_WORKER_REUSED = (
-    "bug: after a python effect times out or is cancelled its worker is poisoned (the thread "
-    "still runs) but the daemon releases it as free and assigns the next python effect to it")
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +187,6 @@ def test_python_generator_streams_values_in_order(c: Client) -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason=BUG_PYTHON_OUTPUT_RACE)
 def test_python_printed_output_captured(client: Client) -> None:
     c = client  # own daemon: the runs share one worker and nothing else uses it
     # Ten runs in one worker: on the buggy daemon nearly every run after the first loses it.
@@ -275,7 +264,6 @@ def test_python_timeout_replaces_worker(c: Client) -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason=BUG_POISONED_WORKER_REUSED)
 def test_python_effect_never_shares_a_poisoned_worker(daemon_factory: Any) -> None:
     d = daemon_factory("--parallel", "1", "--kill-grace", "1")
     c = d.client()

@@ -144,6 +144,9 @@ EXIT_INTERRUPTED = 130
 SUPPORTED_KINDS = ("shell", "node", "sleep")
 WAIT_SLICE = 5.0
 """A waiter thread re-arms its parked wait this often (only to notice that the driver stopped)."""
+WAIT_CHUNK = 32
+"""Effects per waiter thread: a wait reply carries every waited record in full, so one wait on
+N effects costs O(N) per completion; chunks keep that bounded."""
 LOCK_RETRIES = 3
 """SDK calls that fail on ``run.lock`` held by someone else (after the SDK's own ~10 s) are retried."""
 MAX_GATES = 8
@@ -797,13 +800,18 @@ class Driver:
         return name
 
     def _start(self, new: list[_Tracked]) -> None:
-        submitted: list[str] = []
+        """Look each new effect up in effectd (an earlier driver may have submitted it), submit
+        the others in one atomic ``submit_many``, and park waits on all of them."""
+        from effectd.ipc.errors import BadRequest
+
+        watch: list[str] = []
+        to_submit: list[tuple[_Tracked, dict[str, Any]]] = []
         for tracked in new:
             effect = tracked.effect
-            existing = self.client.list(labels={"babysitter.effect": effect.effect_id,
-                                                "babysitter.run": str(self.run_dir)}, limit=10)
             if effect.kind == "sleep":
                 tracked.target_ms = self._sleep_target(effect)
+            existing = self.client.list(labels={"babysitter.effect": effect.effect_id,
+                                                "babysitter.run": str(self.run_dir)}, limit=10)
             if existing:
                 rec = next((r for r in existing if not r.final), existing[0])
                 tracked.outcome.effectd_id = rec.id
@@ -815,21 +823,35 @@ class Driver:
                 if rec.final:
                     self._on_finished(rec)
                 else:
-                    submitted.append(rec.id)
+                    watch.append(rec.id)
                 continue
             try:
-                spec = self._spec(tracked)
+                to_submit.append((tracked, self._spec(tracked)))
             except (ValueError, OSError) as exc:
                 self._fail_unrunnable(tracked, str(exc))
+        ids: list[str | None] = []
+        if to_submit:
+            try:
+                ids = list(self.client.submit_many([spec for _, spec in to_submit]))
+            except BadRequest:  # find the culprit: one at a time
+                ids = []
+                for tracked, spec in to_submit:
+                    try:
+                        ids.append(self.client.submit(spec))
+                    except BadRequest as exc:
+                        ids.append(None)
+                        self._fail_unrunnable(tracked, f"effectd refused it: {exc}")
+        for (tracked, _), eid in zip(to_submit, ids, strict=True):
+            if eid is None:
                 continue
-            eid = self.client.submit(spec)
+            effect = tracked.effect
             tracked.outcome.effectd_id = eid
             self._by_effectd[eid] = effect.effect_id
-            submitted.append(eid)
+            watch.append(eid)
             self._emit("started", f"started {effect.display_name} [{effect.kind}] "
                        f"{effect.effect_id} as effectd {eid}", effect.effect_id)
-        if submitted:
-            waiter = threading.Thread(target=self._waiter, args=(submitted,),
+        for i in range(0, len(watch), WAIT_CHUNK):
+            waiter = threading.Thread(target=self._waiter, args=(watch[i:i + WAIT_CHUNK],),
                                       name="babysitter-wait", daemon=True)
             self._threads.append(waiter)
             waiter.start()

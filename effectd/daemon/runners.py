@@ -527,10 +527,12 @@ class PythonRun(Run):
             # The report must pass the daemon's decoder limits (string and container sizes,
             # string map keys), or it would be refused and the effect never concluded.
             codec.unpack(packed, max_bytes=MAX_RESULT_BYTES)
+            self._flush_stdio()  # printed output must be in the capture pipes before "done"
             self._put(("done", value))
         except BaseException as exc:  # everything the effect raises is its outcome
             if isinstance(exc, TypeError) and "serializ" in str(exc):
                 exc = TypeError(f"the return value or a yielded value is not msgpack-serializable: {exc}")
+            self._flush_stdio()
             self._put(("error", _error_info(exc)))
         finally:
             _progress_hook = None
@@ -543,6 +545,12 @@ class PythonRun(Run):
             with contextlib.suppress(Exception):
                 sys.stdout.flush()
                 sys.stderr.flush()
+
+    @staticmethod
+    def _flush_stdio() -> None:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
 
     def feed_output(self, stream: str, data: bytes) -> list[Chunk]:
         offset, kept = self.writer.write(stream, data)

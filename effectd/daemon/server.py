@@ -346,7 +346,7 @@ class Daemon:
                 self.publish_event(eff.id, "progress", fraction=msg.get("fraction"),
                                    message=msg.get("message"), time=time.time())
         elif kind == "bye":
-            worker.state = WorkerState.STOPPING
+            worker.state = WorkerState.STOPPING  # takes no new work; reaped when it exits
 
     def worker_ready(self, wid: str, msg: dict[str, Any]) -> None:
         worker = self.sched.workers.get(wid)

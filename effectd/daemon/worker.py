@@ -137,18 +137,21 @@ class Worker:
             self._capture[r] = name
 
     def _read_capture(self, fd: int) -> None:
-        try:
-            data = os.read(fd, runners.READ_CHUNK)
-        except BlockingIOError:
-            return
-        if not data:
-            return
+        """Read everything available on one capture pipe and give it to the python run."""
         stream = self._capture[fd]
-        for run in self.runs.values():
-            if isinstance(run, PythonRun) and run.phase is not Phase.DONE:
-                self.publish(run.effect_id, run.attempt, run.feed_output(stream, data))
+        while True:
+            try:
+                data = os.read(fd, runners.READ_CHUNK)
+            except BlockingIOError:
                 return
-        log.info("stray %s output outside any effect: %r", stream, data[:200])
+            if not data:
+                return
+            for run in self.runs.values():
+                if isinstance(run, PythonRun) and run.phase is not Phase.DONE:
+                    self.publish(run.effect_id, run.attempt, run.feed_output(stream, data))
+                    break
+            else:
+                log.info("stray %s output outside any effect: %r", stream, data[:200])
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -168,6 +171,9 @@ class Worker:
             log.error("bad message from daemon: %s", exc)
             return
         if kind == "assign":
+            if self.exit_after_ack or self.stopping:
+                log.warning("refusing assignment of %s: this worker is leaving", msg["id"])
+                return
             self.assign(msg["id"], msg["attempt"], msg["spec"])
         elif kind == "cancel":
             run = self.runs.get(msg["id"])
@@ -219,10 +225,12 @@ class Worker:
             del self.runs[run.effect_id]
             self.effects_done += 1
             self.unacked[run.effect_id] = run.report
-            self.send({"t": "finished", **run.report})
             if isinstance(run, PythonRun) and run.poisons_worker:
-                # The effect's thread may still be running: this worker must not take more work.
+                # The effect's thread may still be running: this worker must not take more
+                # work. 'bye' goes first, so the daemon never sees it free.
                 self.exit_after_ack = True
+                self.send({"t": "bye", "reason": "python effect could not be stopped"})
+            self.send({"t": "finished", **run.report})
 
     def run(self) -> int:
         become_subreaper()
@@ -266,6 +274,10 @@ class Worker:
             wall = time.time()
             for run in list(self.runs.values()):
                 if isinstance(run, PythonRun):
+                    # The effect flushes its stdio before queueing its outcome: drain the
+                    # capture pipes first, so its last prints belong to it.
+                    for fd in self._capture:
+                        self._read_capture(fd)
                     chunks, _ = run.drain_events()
                     self._after_run_step(run, chunks)
                 if run.effect_id in self.runs:
