@@ -40,8 +40,15 @@ class WorkerProcesses:
         env = SystemdNotifier.child_environ(os.environ)
         # A new session: workers (and so the effects) must survive a crash of the daemon and
         # must not receive the terminal's Ctrl-C meant for a foreground daemon.
-        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
-                                close_fds=True)
+        # Workers log to stderr: the daemon's, or its log file when it has one (appending; the
+        # daemon's size-capped rotation applies to its own records only).
+        log_target = open(cfg.log_file, "ab") if cfg.log_file else None  # noqa: SIM115
+        try:
+            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+                                    close_fds=True, stderr=log_target)
+        finally:
+            if log_target is not None:
+                log_target.close()
         self.children[worker_id] = proc
         log.info("spawned worker %s pid %d", worker_id, proc.pid)
         return worker_id, proc.pid
