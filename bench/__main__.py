@@ -72,10 +72,38 @@ def machine() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": model, "cores": os.cpu_count(), "git": git_revision(), "load": load(), "python": platform.python_version(),
             "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(), "msgpack": ".".join(map(str, msgpack.version)),
             "psutil": psutil.__version__, "sqlite": sqlite3.sqlite_version, "kernel": platform.release(),
             "memory_GB": round(psutil.virtual_memory().total / 1e9, 1)}
+
+
+def git_revision() -> str:
+    """HEAD of the effectd checkout being measured, plus '+dirty' and the changed paths."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    changed = [line[3:] for line in dirty if line.strip()]
+    return head + (f"+dirty({', '.join(changed)})" if changed else "")
+
+
+def load() -> str:
+    """Load average and how many other effectd daemons run on the machine (they share the CPUs)."""
+    import psutil
+
+    others = 0
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info.get("cmdline") or []
+        if "effectd.daemon.main" in cmd:
+            others += 1
+    one, five, _ = os.getloadavg()
+    return f"loadavg {one:.2f}/{five:.2f}, {others} other effectd daemon(s) running"
 
 
 def _ratio(row: Row) -> str:
@@ -171,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     print(f"effectd bench, mode {sizes.mode}: {info['cpu']}, {info['cores']} cores, Python {info['python']}, "
           f"pyzmq {info['pyzmq']} (libzmq {info['libzmq']}), msgpack {info['msgpack']}, "
-          f"psutil {info['psutil']}, SQLite {info['sqlite']}", flush=True)
+          f"psutil {info['psutil']}, SQLite {info['sqlite']}\neffectd at {info['git']}; {info['load']}", flush=True)
     shared: dict[str, Any] = {}
     results: list[ScenarioResult] = []
     t_all = time.perf_counter()
@@ -190,12 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         status = "skipped" if res.skipped else "ERROR" if res.error else "done"
         print(f"{status} in {res.seconds:.1f}s", flush=True)
     total = time.perf_counter() - t_all
+    info["load_at_end"] = load()
     print()
     print(table(results))
     if args.markdown:
         print()
         print(markdown_table(results))
-    print(f"\ntotal {total:.1f}s")
+    print(f"\ntotal {total:.1f}s; at the end: {info['load_at_end']}")
     if args.json:
         doc = {"mode": sizes.mode, "sizes": sizes.__dict__, "machine": info, "argv": sys.argv,
                "total_seconds": total, "scenarios": {r.key: r.to_json() for r in results}}
