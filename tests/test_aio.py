@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -18,6 +18,19 @@ from effectd.ipc.errors import DaemonUnavailable, InvalidState, NotFound
 T = TypeVar("T")
 
 SEQ_100K = b"".join(b"%d\n" % i for i in range(1, 100_001))
+
+
+@pytest.fixture
+def daemon(daemon: Any) -> Iterator[Any]:
+    """The conftest daemon, plus: cancel what a failed test left running (workers and effects
+    outlive a stopped daemon, and the teardown would report them as leaks)."""
+    yield daemon
+    with contextlib.suppress(Exception):
+        c = daemon.client(timeout=2, retries=0)
+        ids = [r.id for r in c.list(states=["queued", "running"], limit=10_000)]
+        if ids:
+            c.cancel(*ids)
+            c.wait_many(ids, timeout=20)
 
 
 def run(daemon: Any, body: Callable[[AsyncClient], Awaitable[T]], **kwargs: Any) -> T:
