@@ -72,15 +72,57 @@ def machine() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "git": git_revision(), "load": load(), "python": platform.python_version(),
+    import effectd
+
+    return {"cpu": model, "cores": os.cpu_count(), "git": git_revision(), "load": load(),
+            "effectd_from": os.path.dirname(os.path.abspath(effectd.__file__)), "python": platform.python_version(),
             "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(), "msgpack": ".".join(map(str, msgpack.version)),
             "psutil": psutil.__version__, "sqlite": sqlite3.sqlite_version, "kernel": platform.release(),
             "memory_GB": round(psutil.virtual_memory().total / 1e9, 1)}
 
 
+def run_snapshot(rev: str, argv: list[str]) -> int:
+    """Export ``rev`` to a temp dir and run this same benchmark from there (its effectd, its bench)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    rest = []
+    skip_next = False
+    for i, a in enumerate(argv):
+        if skip_next:
+            skip_next = False
+            continue
+        if a == "--snapshot":
+            skip_next = i + 1 < len(argv) and not argv[i + 1].startswith("-")
+            continue
+        if a.startswith("--snapshot="):
+            continue
+        rest.append(a)
+    for i, a in enumerate(rest):  # a relative --json path stays relative to where we were called
+        if a == "--json" and i + 1 < len(rest):
+            rest[i + 1] = os.path.abspath(rest[i + 1])
+        elif a.startswith("--json="):
+            rest[i] = "--json=" + os.path.abspath(a.split("=", 1)[1])
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    root = tempfile.mkdtemp(prefix="eb-src-", dir="/tmp")
+    try:
+        archive = subprocess.run(["git", "archive", "--format=tar", sha], cwd=REPO, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", root], input=archive.stdout, check=True)
+        env = dict(os.environ, PYTHONPATH=root, EFFECTD_BENCH_REVISION=f"{sha} (clean export)")
+        print(f"measuring a clean export of {rev} = {sha} in {root}", flush=True)
+        return subprocess.run([sys.executable, "-m", "bench", *rest], cwd=root, env=env).returncode
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def git_revision() -> str:
     """HEAD of the effectd checkout being measured, plus '+dirty' and the changed paths."""
     import subprocess
+
+    if os.environ.get("EFFECTD_BENCH_REVISION"):
+        return os.environ["EFFECTD_BENCH_REVISION"]
 
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
@@ -174,7 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", metavar="SCENARIO[,..]", help="run all but these scenarios")
     p.add_argument("--list", action="store_true", help="list scenario keys and exit")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown too")
+    p.add_argument("--snapshot", metavar="REV", nargs="?", const="HEAD",
+                   help="measure a clean export of git REV (default HEAD) instead of the working tree, "
+                        "so edits in progress cannot change the code mid-run")
     args = p.parse_args(argv)
+    if args.snapshot:
+        return run_snapshot(args.snapshot, sys.argv[1:] if argv is None else argv)
     if os.environ.get("EFFECTD_BENCH_TINY") and not args.quick:
         args.tiny = True
 
@@ -199,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     print(f"effectd bench, mode {sizes.mode}: {info['cpu']}, {info['cores']} cores, Python {info['python']}, "
           f"pyzmq {info['pyzmq']} (libzmq {info['libzmq']}), msgpack {info['msgpack']}, "
-          f"psutil {info['psutil']}, SQLite {info['sqlite']}\neffectd at {info['git']}; {info['load']}", flush=True)
+          f"psutil {info['psutil']}, SQLite {info['sqlite']}\neffectd at {info['git']} ({info['effectd_from']}); {info['load']}", flush=True)
     shared: dict[str, Any] = {}
     results: list[ScenarioResult] = []
     t_all = time.perf_counter()
