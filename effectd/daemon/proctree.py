@@ -541,6 +541,23 @@ def _reap_from(snap: _Snapshot, protected: set[int]) -> list[int]:
     return reaped
 
 
+def own_children() -> list[int]:
+    """Pids of this process's children, from /proc/self/task/*/children (one small read per
+    thread) rather than psutil's scan of every process on the machine."""
+    pids: list[int] = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return [p.pid for p in psutil.Process().children(recursive=False)]
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                pids.extend(int(x) for x in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
 def reap_orphan_zombies(protected_pids: set[int]) -> list[int]:
     """Reap zombie children of this process that are not in ``protected_pids``.
 
@@ -553,16 +570,11 @@ def reap_orphan_zombies(protected_pids: set[int]) -> list[int]:
     # Only our own children can be reaped, so list them (cheap: /proc/self/task/*/children)
     # instead of scanning every process on the machine.
     reaped: list[int] = []
-    try:
-        children = psutil.Process().children(recursive=False)
-    except psutil.Error:
-        return reaped
-    for child in children:
-        pid = child.pid
+    for pid in own_children():
         if pid in protected_pids or pid <= 0:
             continue
         try:
-            if child.status() not in _DEAD_STATUSES:
+            if psutil.Process(pid).status() not in _DEAD_STATUSES:
                 continue
             got, _status = os.waitpid(pid, os.WNOHANG)
         except (ChildProcessError, psutil.Error):

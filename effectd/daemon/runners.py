@@ -28,7 +28,7 @@ import msgpack
 import psutil
 
 from effectd.daemon.output import OutputWriter
-from effectd.daemon.proctree import EFFECT_MARKER_ENV, ProcessIdentity, TreeKill, effect_processes
+from effectd.daemon.proctree import EFFECT_MARKER_ENV, ProcessIdentity, TreeKill, own_children
 from effectd.ipc import codec
 
 READ_CHUNK = 64 * 1024
@@ -103,15 +103,39 @@ class Run:
 
 
 PROGRESS_CHILD_FD = 3
+_progress_slot = -1  # an fd holding /dev/null, kept to restore fd 3 after each spawn
 
 
-def _child_setup(progress_fd: int, limits: dict[str, int] | None) -> Callable[[], None]:
-    """Runs in the child between fork and exec: progress pipe onto fd 3 (shells such as dash
-    cannot redirect to descriptors above 9), then the effect's rlimits."""
+def reserve_progress_fd() -> bool:
+    """Called once at worker start, while fd 3 is still free: keep it reserved (on /dev/null)
+    so each spawn can point it at the effect's progress pipe in the parent and pass it with
+    ``pass_fds``. That avoids ``preexec_fn``, which forces a full fork and runs Python in the
+    child (about 3 ms per spawn). Shells such as dash cannot redirect to fds above 9."""
+    global _progress_slot
+    try:
+        os.fstat(PROGRESS_CHILD_FD)
+        return False  # already taken by something else: fall back to preexec_fn
+    except OSError:
+        pass
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    if devnull == PROGRESS_CHILD_FD:  # the lowest free fd: keep it, and a copy to restore from
+        _progress_slot = os.dup(devnull)
+    else:
+        os.dup2(devnull, PROGRESS_CHILD_FD, inheritable=False)
+        _progress_slot = devnull
+    return True
+
+
+def _child_setup(progress_fd: int | None, limits: dict[str, int] | None) -> Callable[[], None] | None:
+    """What must run in the child between fork and exec: the progress pipe onto fd 3 when fd 3
+    could not be reserved, and the effect's rlimits. None when there is nothing to do."""
+    if progress_fd is None and not limits:
+        return None
     names = {"as": resource.RLIMIT_AS, "cpu": resource.RLIMIT_CPU, "nofile": resource.RLIMIT_NOFILE}
 
     def apply() -> None:
-        os.dup2(progress_fd, PROGRESS_CHILD_FD, inheritable=True)
+        if progress_fd is not None:
+            os.dup2(progress_fd, PROGRESS_CHILD_FD, inheritable=True)
         for key, value in (limits or {}).items():
             # CPU: the hard limit one second above the soft one, so the soft limit's SIGXCPU
             # (a clear "cpu time limit") arrives before the hard limit's SIGKILL.
@@ -176,13 +200,16 @@ class ShellRun(Run):
         if stdin_source is not None:
             stdin_r, self._stdin_w = os.pipe2(os.O_CLOEXEC)
             os.set_blocking(self._stdin_w, False)
+        reserved = _progress_slot >= 0
         try:
+            if reserved:
+                os.dup2(progress_w, PROGRESS_CHILD_FD, inheritable=True)
             self.proc = subprocess.Popen(
                 argv, cwd=spec.get("cwd"), env=env,
                 stdin=stdin_r if stdin_r >= 0 else subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                pass_fds=(progress_w, PROGRESS_CHILD_FD),
-                preexec_fn=_child_setup(progress_w, spec.get("rlimits")),
+                pass_fds=(PROGRESS_CHILD_FD,) if reserved else (progress_w, PROGRESS_CHILD_FD),
+                preexec_fn=_child_setup(None if reserved else progress_w, spec.get("rlimits")),
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             self.spawn_error = {"type": type(exc).__name__, "message": str(exc), "traceback": ""}
@@ -192,6 +219,8 @@ class ShellRun(Run):
             self._stdin_w = -1
             return
         finally:
+            if reserved:
+                os.dup2(_progress_slot, PROGRESS_CHILD_FD, inheritable=False)
             os.close(progress_w)
             if stdin_r >= 0:
                 os.close(stdin_r)
@@ -332,17 +361,13 @@ class ShellRun(Run):
         """Did the effect leave processes behind? The worker is their subreaper, so any survivor
         is (below) a direct child of the worker carrying this effect's marker: checking those is
         far cheaper than scanning every process."""
-        try:
-            me = psutil.Process()
-            for child in me.children(recursive=False):
-                if child.pid == self.pid:
-                    continue
-                with contextlib.suppress(psutil.Error):
-                    if child.status() != psutil.STATUS_ZOMBIE and \
-                            child.environ().get(EFFECT_MARKER_ENV) == self.effect_id:
-                        return True
-        except psutil.Error:
-            return bool(effect_processes(self.effect_id))
+        for pid in own_children():
+            if pid == self.pid:
+                continue
+            with contextlib.suppress(psutil.Error):
+                child = psutil.Process(pid)
+                if child.status() != psutil.STATUS_ZOMBIE and child.environ().get(EFFECT_MARKER_ENV) == self.effect_id:
+                    return True
         return False
 
     def protected_pids(self) -> set[int]:

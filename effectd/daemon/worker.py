@@ -356,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     # Our session is our own (the daemon started us with start_new_session): a Ctrl-C in the
     # daemon's terminal or a daemon crash does not reach us. SIGTERM ends us after killing effects.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    runners.reserve_progress_fd()  # before zmq opens descriptors
     worker = Worker(Endpoints.for_runtime(args.runtime_dir), args.outputs,
                     worker_id=args.worker_id or f"w{os.getpid()}-{uuid.uuid4().hex[:6]}",
                     slots=args.slots, orphan_timeout=args.orphan_timeout, kill_grace=args.kill_grace,
