@@ -588,12 +588,12 @@ class Driver:
             self._lane_jobs.put(None)
             for timer in self._timers:
                 timer.cancel()
-            for tracked in self._tracked.values():
+            if lane.is_alive():  # let a post that was released finish its commit
+                lane.join(timeout=self.cli.timeout)
+            for tracked in self._tracked.values():  # gates never released: no commit
                 if tracked.gate is not None:
                     tracked.gate.kill()
                     tracked.gate.cleanup()
-            if lane.is_alive():
-                lane.join(timeout=5)
             shutil.rmtree(workdir, ignore_errors=True)
             self._result.elapsed = time.monotonic() - self._t0
             self._result.effects = [t.outcome for t in self._tracked.values()]
