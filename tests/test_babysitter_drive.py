@@ -359,6 +359,7 @@ def test_unsupported_kind_is_left_waiting_then_run_by_exec_kind(
     assert (run_dir / "tasks" / ask / "artifacts" / "effectd-action.json").is_file()
 
 
+@pytest.mark.timeout(30)
 def test_second_driver_on_the_same_run_is_refused(
     daemon: DaemonHandle, babysitter_cli: BabysitterCli, make_run: Any
 ) -> None:
