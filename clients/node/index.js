@@ -166,7 +166,7 @@ class Follower {
    * Read the store from `expected[s]`, up to `until` (or the current end when `until` is null).
    * @param {string} s
    * @param {number|null} until
-   * @returns {AsyncGenerator<{stream: string, offset: number, data: Buffer}>}
+   * @returns {AsyncGenerator<StreamChunk>}
    */
   async *fill(s, until) {
     while (until === null || this.expected[s] < until) {
@@ -176,7 +176,7 @@ class Follower {
       const at = this.expected[s];
       if (data.length > 0 && r.offset <= at && at < r.offset + data.length) {
         this.expected[s] = r.offset + data.length;
-        yield { stream: s, offset: at, data: data.subarray(at - r.offset) };
+        yield { stream: s, offset: at, data: data.subarray(at - r.offset), source: "store" };
       }
       if (data.length === 0) return; // nothing more stored yet
       if (until === null && r.next_offset >= r.size) return;
@@ -202,7 +202,7 @@ class Follower {
     }
     const at = this.expected[s];
     this.expected[s] = end;
-    yield { stream: s, offset: at, data: data.subarray(at - offset) };
+    yield { stream: s, offset: at, data: data.subarray(at - offset), source: "live" };
   }
 
   /** Authoritative final sizes (§9 store_sizes). */
@@ -245,6 +245,8 @@ class Follower {
  * @property {string} stream `stdout`, `stderr` or `value`
  * @property {number} offset byte offset of `data[0]` in the stream
  * @property {Buffer} data
+ * @property {"live"|"store"} source whether the bytes came from the live stream or from
+ *   `read_output` (replay, gap fill, final read); informational
  */
 
 export class EffectdClient {
