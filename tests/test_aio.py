@@ -200,6 +200,31 @@ def test_stream_is_exact_live_and_after_the_end(daemon: Any) -> None:
     run(daemon, body)
 
 
+@pytest.mark.timeout(90)
+def test_stream_fills_forced_drops_exactly(daemon_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tiny high-water marks on the whole stream path (daemon, workers and our SUB) and a consumer
+    # slower than the producer: PUB must drop, and the stream must fill every gap from the store.
+    d = daemon_factory(env={"EFFECTD_STREAM_HWM": "2"})
+    monkeypatch.setenv("EFFECTD_STREAM_HWM", "2")
+    producer = ("import sys, time\n"
+                "for i in range(60):\n"
+                "    sys.stdout.buffer.write(bytes([65 + i % 26]) * 65535 + b'\\n'); sys.stdout.flush()\n"
+                "    time.sleep(0.01)\n")
+    expected = b"".join(bytes([65 + i % 26]) * 65535 + b"\n" for i in range(60))
+
+    async def body(c: AsyncClient) -> None:
+        eid = await c.submit_shell(["python3", "-c", producer], max_output_bytes=64 * 1024 * 1024)
+        data = bytearray()
+        async for chunk in c.stream(eid, streams=("stdout",)):
+            data += chunk.data
+            await asyncio.sleep(0.05)  # a slow consumer (load shaping, not synchronisation)
+        assert bytes(data) == expected
+        f = c.last_follower
+        assert f is not None and f.gaps_filled + f.duplicates > 0, "no drop happened: proved nothing"
+
+    run(d, body)
+
+
 @pytest.mark.timeout(60)
 def test_stream_of_unknown_effect_raises(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:

@@ -50,9 +50,9 @@ from effectd.client.follow import Follower
 from effectd.client.records import Chunk, EffectRecord, OutputSlice
 from effectd.client.spec import python_spec, shell_spec, sleep_spec
 from effectd.ipc import codec
-from effectd.ipc.endpoints import Endpoints, runtime_dir, state_dir
+from effectd.ipc.endpoints import Endpoints, runtime_dir, state_dir, stream_hwm
 from effectd.ipc.errors import DaemonUnavailable, EffectdError, error_from_wire
-from effectd.ipc.schema import OUTPUT_STREAMS, EffectState, build_request
+from effectd.ipc.schema import MAX_READ_BYTES, OUTPUT_STREAMS, EffectState, build_request
 
 log = logging.getLogger("effectd.client.aio")
 
@@ -257,6 +257,7 @@ class AsyncClient:
         async with self._connect_lock:
             if self._connected:
                 return
+            autostart.check_runtime_dir(self.runtime)
             if autostart.running_pid(self.runtime) is None:
                 if not self._autostart:
                     raise DaemonUnavailable(
@@ -436,7 +437,7 @@ class AsyncClient:
                     until: int | None) -> AsyncGenerator[Chunk, None]:
         """Read the store from f.expected[stream] up to ``until`` (None: to the current end)."""
         while until is None or f.expected[stream] < until:
-            want = None if until is None else until - f.expected[stream]
+            want = None if until is None else min(until - f.expected[stream], MAX_READ_BYTES)
             piece = await self.read_output(effect_id, stream, f.expected[stream], want)
             chunk = f.stored(stream, piece.offset, piece.data)
             if chunk is not None:
@@ -471,7 +472,7 @@ class AsyncClient:
         recv: asyncio.Future[builtins.list[bytes]] | None = None
         try:
             sub.setsockopt(zmq.LINGER, 0)
-            sub.setsockopt(zmq.RCVHWM, 100_000)
+            sub.setsockopt(zmq.RCVHWM, stream_hwm())
             sub.connect(self.endpoints.stream)
             sub.setsockopt(zmq.SUBSCRIBE, effect_id.encode())
             recv = asyncio.ensure_future(sub.recv_multipart())
