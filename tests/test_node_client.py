@@ -48,7 +48,7 @@ def node() -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_node_client_streams_exactly(daemon: Any, node: str) -> None:
+def test_node_client_streams_exactly(node: str, daemon: Any) -> None:
     proc = subprocess.run([node, str(NODE_CLIENT / "test" / "stream_test.js")], cwd=REPO, env=daemon.env,
                           capture_output=True, text=True, timeout=270)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
