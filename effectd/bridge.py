@@ -441,14 +441,15 @@ async def _first(awaitables: tuple[Any, ...]) -> None:
 
 
 def _pollable_fd(stream: IO[Any]) -> int | None:
-    """The fd of a pipe, socket or terminal (which may block); None for files and in-memory
-    streams (which never block, and which epoll refuses)."""
+    """The fd of a pipe, socket or terminal (reads may block: poll them); None for files,
+    other devices (/dev/null) and in-memory streams (reads never block, and epoll refuses
+    files and most devices)."""
     try:
         fd = stream.fileno()
         mode = os.fstat(fd).st_mode
     except (OSError, ValueError, io.UnsupportedOperation):
         return None
-    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode):
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd):
         return fd
     return None
 
@@ -613,8 +614,11 @@ async def _serve(stdin: IO[Any], stdout: IO[Any], eof_grace: float, **client_opt
         received.append(signum)
         main_task.cancel()
 
+    handled = []
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
+        with contextlib.suppress(ValueError, RuntimeError):  # not the main thread
+            loop.add_signal_handler(signum, on_signal, signum)
+            handled.append(signum)
     try:
         return await run_bridge(stdin, stdout, eof_grace=eof_grace, **client_options)
     except asyncio.CancelledError:
@@ -622,7 +626,7 @@ async def _serve(stdin: IO[Any], stdout: IO[Any], eof_grace: float, **client_opt
             return 128 + received[0]
         raise
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in handled:
             loop.remove_signal_handler(signum)
 
 

@@ -371,3 +371,19 @@ def test_over_long_line_is_refused_and_skipped() -> None:
         return [line async for line in read_lines(io.BytesIO(data), max_line=20)]
 
     assert asyncio.run(collect()) == [b"short", None, b"after", b"last"]
+
+
+@pytest.mark.timeout(60)
+def test_stdin_from_dev_null_or_a_file_ends_cleanly(daemon: Any, tmp_path: Any) -> None:
+    # /dev/null is a character device epoll refuses; a regular file neither: both are read in a
+    # thread, and EOF ends the bridge with 0.
+    cmd = [sys.executable, "-m", "effectd.bridge", "--no-autostart"]
+    done = subprocess.run(cmd, env=daemon.env, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+    assert (done.returncode, done.stdout) == (0, b"")
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"id": 1, "op": "groups"}\n{"id": 2, "op": "hello"}')
+    with open(requests, "rb") as f:
+        done = subprocess.run(cmd, env=daemon.env, stdin=f, capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    replies = {m["id"]: m for m in map(json.loads, done.stdout.splitlines())}
+    assert replies[1]["ok"] is True and replies[2]["ok"] is True
