@@ -387,3 +387,39 @@ def test_stdin_from_dev_null_or_a_file_ends_cleanly(daemon: Any, tmp_path: Any) 
     assert done.returncode == 0, done.stderr
     replies = {m["id"]: m for m in map(json.loads, done.stdout.splitlines())}
     assert replies[1]["ok"] is True and replies[2]["ok"] is True
+
+
+@pytest.mark.timeout(60)
+def test_closed_stdout_stops_the_bridge_with_status_1(daemon: Any) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "effectd.bridge", "--no-autostart"], env=daemon.env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(b'{"id": 1, "op": "groups"}\n')
+    proc.stdin.flush()
+    assert json.loads(proc.stdout.readline())["id"] == 1
+    proc.stdout.close()  # the reader goes away; stdin stays open
+    proc.stdin.write(b'{"id": 2, "op": "groups"}\n')
+    proc.stdin.flush()
+    try:
+        assert proc.wait(30) == 1
+    finally:
+        proc.kill()
+        proc.stdin.close()
+        assert proc.stderr is not None
+        stderr = proc.stderr.read()
+    assert b"stdout is closed" in stderr
+
+
+@pytest.mark.timeout(60)
+def test_click_command_in_process(daemon: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from effectd.bridge import bridge as command
+
+    monkeypatch.setenv("EFFECTD_RUNTIME_DIR", str(daemon.runtime))
+    monkeypatch.setenv("EFFECTD_STATE_DIR", str(daemon.state))
+    result = CliRunner().invoke(command, ["--stdio", "--no-autostart"],
+                                input='{"id": "g", "op": "groups"}\nnot json\n')
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted((m["id"] or "", m["ok"]) for m in lines) == [("", False), ("g", True)]
