@@ -3,6 +3,7 @@
 Runs ``node clients/node/test/stream_test.js`` with the daemon's environment: hello, a shell
 effect ``seq 1 10000`` followed live and checked byte for byte, its final state, late joins on
 finished effects, and a live follow through a one-message SUB queue that forces gap fills.
+Also runs the client's unit tests of the gap-fill loop (``node --test``, no daemon).
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ def node() -> str:
         if proc.returncode != 0:
             pytest.fail(f"npm ci --prefix clients/node failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return node
+
+
+@pytest.mark.timeout(120)
+def test_node_client_gap_fill_unit(node: str) -> None:
+    """The §9 loop driven by scripted live messages and an in-memory store (no daemon)."""
+    proc = subprocess.run(
+        [node, "--test", str(NODE_CLIENT / "test" / "follow_unit_test.js")],
+        cwd=NODE_CLIENT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "# fail 0" in proc.stdout, proc.stdout
 
 
 @pytest.mark.slow

@@ -147,7 +147,7 @@ function idList(ids) {
  */
 class Follower {
   /**
-   * @param {EffectdClient} client
+   * @param {{readOutput: EffectdClient["readOutput"], status: EffectdClient["status"]}} client
    * @param {string} id
    * @param {string[]} streams
    * @param {number} fromOffset
@@ -227,6 +227,70 @@ class Follower {
   async *finish() {
     const sizes = /** @type {Record<string, number>} */ (this.finalSizes);
     for (const s of this.streams) yield* this.fill(s, sizes[s]);
+  }
+}
+
+/**
+ * The gap-fill loop of §9, steps 2 to 6, over an already subscribed live stream. `stream()`
+ * drives it with a SUB socket; it is exported so that it can be tested with scripted messages.
+ * @param {{readOutput: EffectdClient["readOutput"], status: EffectdClient["status"]}} ops
+ * @param {string} id
+ * @param {{receive: (timeoutMs: number) => Promise<Buffer[]|null>, streams?: string[],
+ *   fromOffset?: number, events?: boolean, subscribeWaitMs?: number, idleMs?: number}} opts
+ *   `receive` returns the next message's frames, or null after `timeoutMs` without one
+ * @returns {AsyncGenerator<StreamChunk | {stream: "event", event: string, header: Record<string, any>}>}
+ */
+export async function* followEffect(ops, id, opts) {
+  const { receive } = opts;
+  const streams = opts.streams ?? ["stdout", "stderr"];
+  const idleMs = opts.idleMs ?? IDLE_MS;
+  const f = new Follower(ops, id, streams, opts.fromOffset ?? 0);
+
+  // 2. wait (bounded) for the first message, normally 'subscribed'; keep it for the loop.
+  /** @type {Buffer[][]} */
+  const early = [];
+  const first = await receive(opts.subscribeWaitMs ?? SUBSCRIBE_WAIT_MS);
+  if (first) early.push(first);
+
+  // 3. catch up from the store, then check whether the effect is already final.
+  yield* f.checkStore();
+  let lastCheck = Date.now();
+
+  for (;;) {
+    if (f.finalSizes !== null) { // 4. end: read every stream up to its final size
+      yield* f.finish();
+      return;
+    }
+    const msg = early.length ? /** @type {Buffer[]} */ (early.shift()) : await receive(idleMs);
+    // 5. idle check (a dropped chunk or 'finished' must not stall us). Also done every few
+    // seconds while messages keep coming but none advances this effect's streams (e.g.
+    // repeated 'subscribed' events caused by other subscribers of this id).
+    if (msg === null || Date.now() - lastCheck >= FORCED_CHECK_MS) {
+      yield* f.checkStore();
+      lastCheck = Date.now();
+      if (msg === null) continue;
+    }
+    if (msg.length !== 3 || msg[0].toString("latin1") !== id) continue;
+    let header;
+    try {
+      header = decode(msg[1]);
+    } catch {
+      continue;
+    }
+    if (!isPlainMap(header)) continue;
+    if (header.stream === "event") {
+      if (opts.events && typeof header.event === "string") {
+        yield /** @type {any} */ ({ stream: "event", event: header.event, header });
+      }
+      if (header.event === "finished" && f.finalSizes === null) f.finalSizes = await f.storeSizes();
+      continue; // started / progress / subscribed: informational
+    }
+    const s = header.stream;
+    if (typeof s !== "string" || !(s in f.expected)) continue;
+    if (!Number.isSafeInteger(header.offset) || /** @type {number} */ (header.offset) < 0) continue;
+    const before = f.expected[s];
+    yield* f.apply(s, /** @type {number} */ (header.offset), toBuffer(msg[2]));
+    if (f.expected[s] !== before) lastCheck = Date.now();
   }
 }
 
@@ -630,9 +694,7 @@ export class EffectdClient {
     this._subs.add(sub);
     try {
       sub.connect(endpoint(this.runtimeDir, "stream.sock"));
-      sub.subscribe(id); // 1. subscribe FIRST
-      const f = new Follower(this, id, streams, fromOffset);
-
+      sub.subscribe(id); // §9 step 1: subscribe FIRST, before anything is read from the store
       /** @param {number} ms @returns {Promise<Buffer[]|null>} */
       const receive = async (ms) => {
         sub.receiveTimeout = ms;
@@ -644,53 +706,7 @@ export class EffectdClient {
           throw err;
         }
       };
-
-      // 2. wait (bounded) for the first message, normally 'subscribed'; keep it for the loop.
-      /** @type {Buffer[][]} */
-      const early = [];
-      const first = await receive(SUBSCRIBE_WAIT_MS);
-      if (first) early.push(first);
-
-      // 3. catch up from the store, then check whether the effect is already final.
-      yield* f.checkStore();
-      let lastCheck = Date.now();
-
-      for (;;) {
-        if (f.finalSizes !== null) { // 4. end: read up to the final sizes
-          yield* f.finish();
-          return;
-        }
-        const msg = early.length ? /** @type {Buffer[]} */ (early.shift()) : await receive(IDLE_MS);
-        // 5. idle check (a dropped chunk or 'finished' must not stall us). Also done every
-        // few seconds while messages keep coming but none is ours to apply (for example
-        // repeated 'subscribed' events caused by other subscribers of this id).
-        if (msg === null || Date.now() - lastCheck >= FORCED_CHECK_MS) {
-          yield* f.checkStore();
-          lastCheck = Date.now();
-          if (msg === null) continue;
-        }
-        if (msg.length !== 3 || msg[0].toString("latin1") !== id) continue;
-        let header;
-        try {
-          header = decode(msg[1]);
-        } catch {
-          continue;
-        }
-        if (!isPlainMap(header)) continue;
-        if (header.stream === "event") {
-          if (opts.events && typeof header.event === "string") {
-            yield /** @type {any} */ ({ stream: "event", event: header.event, header });
-          }
-          if (header.event === "finished" && f.finalSizes === null) f.finalSizes = await f.storeSizes();
-          continue;
-        }
-        const s = header.stream;
-        if (typeof s !== "string" || !(s in f.expected)) continue;
-        if (!Number.isSafeInteger(header.offset) || /** @type {number} */ (header.offset) < 0) continue;
-        const before = f.expected[s];
-        yield* f.apply(s, /** @type {number} */ (header.offset), msg[2]);
-        if (f.expected[s] !== before) lastCheck = Date.now();
-      }
+      yield* followEffect(this, id, { receive, streams, fromOffset, events: opts.events });
     } finally {
       this._subs.delete(sub);
       sub.close();
