@@ -84,6 +84,21 @@ export async function process(inputs, ctx) {
 }
 """
 
+THROWS = """\
+import { defineTask } from "@a5c-ai/babysitter-sdk";
+
+const shellStep = defineTask("shell-step", (args) => ({
+  kind: "shell",
+  title: args.title,
+  shell: { command: args.command },
+}));
+
+export async function process(inputs, ctx) {
+  const seen = await ctx.task(shellStep, { title: "probe", command: "echo 41" }, { label: "probe" });
+  throw new RangeError(`cannot go on after ${seen.trim()}`);
+}
+"""
+
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -357,6 +372,21 @@ def test_unsupported_kind_is_left_waiting_then_run_by_exec_kind(
     }
     assert_exactly_once(run_dir)
     assert (run_dir / "tasks" / ask / "artifacts" / "effectd-action.json").is_file()
+
+
+@pytest.mark.timeout(60)
+def test_failed_run_exits_1_with_the_sdk_error(
+    daemon: DaemonHandle, babysitter_cli: BabysitterCli, babysitter_sdk: Any, tmp_path: Path
+) -> None:
+    run_dir = custom_run(babysitter_cli, babysitter_sdk, tmp_path, "throws", THROWS)
+    proc = subprocess.run(drive_command(run_dir, babysitter_cli, "--json"), env=daemon.env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "run failed: RangeError: cannot go on after 41" in proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "failed" and summary["posted"] == 1
+    assert summary["error"]["name"] == "RangeError"
+    assert [e.type for e in read_journal(run_dir)].count("RUN_FAILED") == 1
 
 
 @pytest.mark.timeout(30)
