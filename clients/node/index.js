@@ -176,7 +176,7 @@ class Follower {
       const at = this.expected[s];
       if (data.length > 0 && r.offset <= at && at < r.offset + data.length) {
         this.expected[s] = r.offset + data.length;
-        yield { stream: s, offset: at, data: data.subarray(at - r.offset), source: "store" };
+        yield { stream: s, offset: at, data: data.subarray(at - r.offset), source: /** @type {const} */ ("store") };
       }
       if (data.length === 0) return; // nothing more stored yet
       if (until === null && r.next_offset >= r.size) return;
@@ -202,7 +202,7 @@ class Follower {
     }
     const at = this.expected[s];
     this.expected[s] = end;
-    yield { stream: s, offset: at, data: data.subarray(at - offset), source: "live" };
+    yield { stream: s, offset: at, data: data.subarray(at - offset), source: /** @type {const} */ ("live") };
   }
 
   /** Authoritative final sizes (§9 store_sizes). */
@@ -658,7 +658,7 @@ export class EffectdClient {
   /**
    * Stored output of one stream (§5.9). `data` is returned as a Buffer.
    * @param {string} id
-   * @param {"stdout"|"stderr"|"value"} stream
+   * @param {string} stream `stdout`, `stderr` or `value`
    * @param {number} [offset]
    * @param {number} [maxBytes] 1..8 MiB (daemon default 1 MiB)
    * @returns {Promise<{id: string, stream: string, offset: number, data: Buffer, next_offset: number,
