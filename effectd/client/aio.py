@@ -51,7 +51,7 @@ from effectd.client.records import Chunk, EffectRecord, OutputSlice
 from effectd.client.spec import python_spec, shell_spec, sleep_spec
 from effectd.ipc import codec
 from effectd.ipc.endpoints import Endpoints, runtime_dir, state_dir, stream_hwm
-from effectd.ipc.errors import DaemonUnavailable, EffectdError, error_from_wire
+from effectd.ipc.errors import DaemonUnavailable, EffectdError, TooLarge, error_from_wire
 from effectd.ipc.schema import MAX_READ_BYTES, OUTPUT_STREAMS, EffectState, build_request
 
 log = logging.getLogger("effectd.client.aio")
@@ -152,7 +152,6 @@ class AsyncClient:
         if self._sock is None:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_WORKER_MESSAGE_BYTES)
             # No IMMEDIATE: requests queue on the pipe until the daemon's socket exists, so a
             # send never blocks; a daemon that never answers is the reply timeout's business.
             sock.connect(self.endpoints.control)
@@ -168,17 +167,28 @@ class AsyncClient:
                 frames = await sock.recv_multipart()
             except zmq.ZMQError:
                 return  # the socket was closed under us (reconnect or close)
+            body = frames[-1]
             try:
-                reply = codec.unpack(frames[-1], max_bytes=codec.MAX_WORKER_MESSAGE_BYTES)
+                reply = codec.unpack(body, max_bytes=codec.MAX_WORKER_MESSAGE_BYTES)
+            except TooLarge as exc:
+                # Already in memory: find whose it is, so that caller fails now, not by timeout.
+                with contextlib.suppress(EffectdError):
+                    self._deliver(codec.unpack(body, max_bytes=len(body)), exc)
+                continue
             except EffectdError as exc:
                 log.warning("dropping an undecodable reply: %s", exc)
                 continue
-            rid = reply.get("rid") if isinstance(reply, dict) else None
-            entry = self._inflight.get(rid) if isinstance(rid, str) else None
-            if entry is None:
-                continue  # late: its caller was cancelled, timed out, or already answered
-            if not entry.future.done():
-                entry.future.set_result(reply)
+            self._deliver(reply, None)
+
+    def _deliver(self, reply: Any, error: EffectdError | None) -> None:
+        rid = reply.get("rid") if isinstance(reply, dict) else None
+        entry = self._inflight.get(rid) if isinstance(rid, str) else None
+        if entry is None or entry.future.done():
+            return  # late: its caller was cancelled, timed out, or already answered
+        if error is not None:
+            entry.future.set_exception(error)
+        else:
+            entry.future.set_result(reply)
 
     def _send(self, entry: _InFlight) -> None:
         """Queue ``entry`` on the current socket without awaiting (never blocks the caller)."""
