@@ -162,7 +162,28 @@ def exit_code_for(r: EffectRecord) -> int:
     return EXIT_NOT_STARTED
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """Subcommands that live in their own modules are imported only when used, so a plain
+    ``effectctl status`` does not pay for asyncio or the babysitter driver."""
+
+    LAZY = {"babysitter": "effectd.babysitter.cli:babysitter", "bridge": "effectd.bridge:bridge"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = self.LAZY.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        import importlib
+
+        module, _, attr = target.partition(":")
+        command = getattr(importlib.import_module(module), attr)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="effectd", prog_name="effectctl")
 def main() -> None:
     """effectctl: run effects in the background with effectd.
@@ -172,7 +193,7 @@ def main() -> None:
     """
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@main.command(context_settings={"allow_interspersed_args": False})
 @effect_options
 @click.option("--detach", "-d", is_flag=True, help="Print the id and return at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final record as JSON (after the output).")
@@ -223,7 +244,7 @@ def _copy_stream(chunks: Iterator[Any]) -> None:
         target.flush()
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@main.command(context_settings={"allow_interspersed_args": False})
 @effect_options
 @click.option("--python", "target", metavar="MOD:FUNC", help="Submit a python effect instead of a command.")
 @click.option("--args", "args_json", default="[]", help="python: JSON array of positional arguments.")

@@ -306,10 +306,6 @@ def test_usage_errors_exit_2(d: DaemonHandle, args: list[str]) -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: run/submit set ignore_unknown_options, so a misspelled option (--tmeout) becomes the "
-    "program to run: an effect is journaled, fails spawn_failed, and effectctl exits 125 "
-    "instead of the documented usage error 2"))
 @pytest.mark.parametrize("cmd", ["run", "submit"])
 def test_misspelled_option_is_a_usage_error(d: DaemonHandle, c: Client, cmd: str) -> None:
     before = len(c.list(limit=10_000))

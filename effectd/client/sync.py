@@ -255,12 +255,18 @@ class Client:
             rec = self.status(effect_id)
             if rec.final:
                 f.finished(self._final_sizes(effect_id, streams))
+            last_progress = time.monotonic()
             while not f.complete:
                 if f.final_sizes is not None:
                     for name in streams:
                         yield from self._fill(f, name, f.final_sizes[name])
                     break
-                if not sub.poll(int(STREAM_IDLE_CHECK * 1000), zmq.POLLIN):
+                # Check the store when nothing arrives, and also when only unrelated messages
+                # arrive (other subscribers' 'subscribed' events) - a dropped 'finished' must
+                # not leave us waiting forever.
+                quiet = time.monotonic() - last_progress >= STREAM_IDLE_CHECK
+                if quiet or not sub.poll(int(STREAM_IDLE_CHECK * 1000), zmq.POLLIN):
+                    last_progress = time.monotonic()
                     for name in streams:
                         yield from self._fill(f, name, None)
                     rec = self.status(effect_id)
@@ -287,6 +293,7 @@ class Client:
                     yield from self._fill(f, gap[0], gap[2])
                     part, _ = f.accept(chunk)
                 if part is not None:
+                    last_progress = time.monotonic()
                     yield part
         finally:
             self.last_follower = f

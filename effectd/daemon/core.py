@@ -216,7 +216,7 @@ class Scheduler:
         assignments: list[tuple[Effect, Worker]] = []
         dep_failed: list[Effect] = []
         running = self.running()
-        in_flight = len(running)
+        in_flight = sum(1 for e in running if e.kind is not EffectKind.SLEEP)
         per_group: dict[str, int] = {}
         for e in running:
             if e.group:
@@ -225,8 +225,10 @@ class Scheduler:
         unplaced_python = 0
         unplaced_shell = 0
         for eff in candidates:
-            if in_flight >= self.limits.parallel:
-                break
+            # Sleeps are timers, not work: they do not count against --parallel.
+            counts = eff.kind is not EffectKind.SLEEP
+            if counts and in_flight >= self.limits.parallel:
+                continue
             if eff.not_before > now:
                 continue
             verdict = self.dependency_verdict(eff, lookup)
@@ -244,13 +246,13 @@ class Scheduler:
                     unplaced_python += 1
                 else:
                     unplaced_shell += 1
-                in_flight += 1  # it would run if it had a worker: counts against --parallel
+                in_flight += counts  # it would run if it had a worker: counts against --parallel
                 continue
             assignments.append((eff, worker))
             worker.effects.add(eff.id)
             if eff.kind is EffectKind.PYTHON:
                 worker.python_effect = eff.id
-            in_flight += 1
+            in_flight += counts
             if group:
                 per_group[group] = per_group.get(group, 0) + 1
         slots = max(1, self.limits.worker_slots)

@@ -40,6 +40,13 @@ class Waiter:
     deadline: float
 
 
+def _without_env(rec: dict[str, Any]) -> dict[str, Any]:
+    spec = rec.get("spec")
+    if isinstance(spec, dict) and "env" in spec:
+        rec = {**rec, "spec": {k: v for k, v in spec.items() if k != "env"}}
+    return rec
+
+
 RESULT_FIELDS = ("id", "state", "reason", "exit_code", "signal", "result", "error", "attempt",
                  "sizes", "truncated")
 
@@ -166,7 +173,9 @@ class RequestHandlers:
         return any(finals) if first else all(finals)
 
     def wait_reply(self, ids: list[str], timed_out: bool) -> dict[str, Any]:
-        recs = self.records(ids)
+        # Without the submitter's environment: a wait on N effects answers N records each time
+        # one finishes, and the environment is most of a shell effect's record.
+        recs = [_without_env(r) for r in self.records(ids)]
         done = [r["id"] for r in recs if EffectState(r["state"]) in FINAL_STATES]
         return {"effects": recs, "done": done, "timed_out": timed_out}
 

@@ -37,7 +37,7 @@ from effectd.daemon.sdnotify import SystemdNotifier
 from effectd.daemon.worker import HEARTBEAT_LIVENESS
 from effectd.ipc import codec
 from effectd.ipc.endpoints import Endpoints, stream_hwm
-from effectd.ipc.errors import DiskFull, EffectdError, InternalError
+from effectd.ipc.errors import DiskFull, EffectdError, InternalError, Unavailable
 from effectd.ipc.schema import (
     FINAL_STATES,
     WORKER_TO_DAEMON,
@@ -656,7 +656,8 @@ class Daemon:
 
     def close(self) -> None:
         for waiter in self.waiters:
-            self.reply_error(waiter.ident, waiter.request_id, InternalError("daemon stopped"))
+            self.reply_error(waiter.ident, waiter.request_id,
+                             Unavailable("the daemon stopped while this wait was parked; wait again"))
         self.waiters = []
         self.flush()
         self.procs.wait_all(timeout=5.0)
