@@ -233,7 +233,7 @@ class Bridge:
         if not isinstance(msg, dict):
             self._error(None, "bad_request", f"a request must be a JSON object, got {type(msg).__name__}")
             return False
-        request_id = msg.get("id")
+        request_id = to_json(msg.get("id"))  # JSON's NaN/Infinity literals: echoed as strings
         op = msg.get("op")
         if not isinstance(op, str):
             self._error(request_id, "bad_request", "op: required, a string")
