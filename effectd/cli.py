@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import click
 
@@ -166,7 +166,8 @@ class LazyGroup(click.Group):
     """Subcommands that live in their own modules are imported only when used, so a plain
     ``effectctl status`` does not pay for asyncio or the babysitter driver."""
 
-    LAZY = {"babysitter": "effectd.babysitter.cli:babysitter", "bridge": "effectd.bridge:bridge"}
+    LAZY: ClassVar[dict[str, str]] = {"babysitter": "effectd.babysitter.cli:babysitter",
+                                      "bridge": "effectd.bridge:bridge"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.LAZY])
