@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgpack
+import psutil
 import pytest
 
 from effectd.client import Client, EffectState
@@ -119,24 +122,48 @@ def test_run_detach(d: DaemonHandle, c: Client) -> None:
     assert ULID.match(json.loads(p.stdout)["id"])
 
 
+def blocked_writing(pid: int) -> bool:
+    """Whether the process's main thread sleeps in write(2) on a pipe (its stdout is full)."""
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+        if wchan and wchan != "0":
+            return "pipe" in wchan and "write" in wchan
+        return Path(f"/proc/{pid}/syscall").read_text().split()[:2] == ["1", "0x1"]  # x86-64
+    except OSError:
+        return False
+
+
 @pytest.mark.timeout(30)
 def test_ctrl_c_on_run_cancels_the_effect(d: DaemonHandle, c: Client) -> None:
+    """SIGINT while effectctl streams: it cancels the effect and exits 130.
+
+    The signal is sent while effectctl is blocked writing the effect's output to its full stdout
+    pipe, i.e. between two of its requests to the daemon (see the report on Ctrl-C arriving
+    during a request)."""
     name = f"interrupted-{uuid.uuid4().hex}"
-    proc = ctl_popen(d, "run", "--name", name, "--", "sh", "-c", "echo ready; exec sleep 60")
+    proc = ctl_popen(d, "run", "--name", name, "--", "sh", "-c",
+                     "echo ready; head -c 1000000 /dev/zero; exec sleep 60")
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"ready\n"  # streamed live: the effect runs now
+        wait_until(lambda: blocked_writing(proc.pid), what="effectctl to block on its stdout")
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=20)
+        stdout, stderr = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for rec in c.list(name=name):  # never leave it running for the module's daemon
+            if not rec.final:
+                c.cancel(rec.id)
+                c.wait(rec.id, timeout=15)
     assert proc.returncode == 130, stderr
     assert b"cancelling" in stderr
+    assert set(stdout) == {0}  # the rest of the output up to the cancel, all of it zeros
     [rec] = c.list(name=name)
     assert rec.state is EffectState.CANCELLED
     assert rec.reason == "interrupted"
+    assert len(stdout) + len(b"ready\n") <= rec.sizes["stdout"] <= 1_000_006
 
 
 # ---- submit, status, list, wait -------------------------------------------------------------
@@ -338,3 +365,22 @@ def test_daemon_status_and_stop(daemon: DaemonHandle) -> None:
     assert json.loads(ctl(daemon, "daemon", "status", "--json").stdout)["running"] is False
     p = ctl(daemon, "daemon", "stop")  # stopping a stopped daemon is not an error
     assert p.returncode == 0 and "not running" in out(p)
+
+
+@pytest.mark.timeout(60)
+def test_daemon_stop_now_ends_running_effects(daemon: DaemonHandle, tmp_path: Path) -> None:
+    c = daemon.client()
+    eid = running(tmp_path, c, daemon)
+    root = wait_until(lambda: c.status(eid).pid, what="the effect's pid")
+    p = ctl(daemon, "daemon", "stop", "--now")
+    assert p.returncode == 0, p.stderr
+    assert daemon.proc is not None and daemon.proc.wait(30) == 0
+    assert not psutil.pid_exists(root) or psutil.Process(root).status() == psutil.STATUS_ZOMBIE
+    assert not daemon.survivors(grace=10)
+    con = sqlite3.connect(daemon.state / "journal.sqlite3")
+    try:
+        [(state, blob)] = con.execute("SELECT state, record FROM effects WHERE id = ?", (eid,))
+    finally:
+        con.close()
+    assert state == "lost"  # it did not finish on its own: the daemon stopped it
+    assert msgpack.unpackb(blob, raw=False)["reason"] == "daemon_stopped"

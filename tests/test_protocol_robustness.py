@@ -586,12 +586,12 @@ def test_huge_frame_drops_only_that_peer(endpoint: str) -> None:
         for i in range(3):
             reply = waiting.call(req("hello", rid=f"other-{i}"))
             assert reply["ok"] is True and reply["rid"] == f"other-{i}"
-        assert big.recv(timeout_ms=1000) is None
+        assert big.recv(timeout_ms=300) is None
     finally:
         big.close()
     lone = RawReq(endpoint)  # a REQ client sending one just times out
     try:
-        assert lone.raw(b"\x00" * (40 * MIB), timeout_ms=1500) is None
+        assert lone.raw(b"\x00" * (40 * MIB), timeout_ms=800) is None
         assert lone.call(req("hello", rid="again"))["rid"] == "again"  # a fresh socket works
     finally:
         lone.close()
