@@ -70,13 +70,16 @@ Stdout, stderr, exit
 --------------------
 stdout carries nothing but these lines (each a complete JSON object followed by ``\\n``, never
 interleaved). The command moves file descriptor 1 to stderr for everything else, and logs to
-stderr (``--log-level``). When stdin reaches EOF the bridge stops reading, **finishes** the
-requests in flight (their replies are written; each is bounded by its timeout), then gives
-open subscriptions up to ``--eof-grace`` seconds (default 5) to end by themselves and ends the
-rest (``cause: "closed"``), and exits 0. So ``printf '...subscribe...\\n...wait...\\n' |
-effectctl bridge --stdio`` gets the whole stream. On SIGINT/SIGTERM it cancels everything at
-once (requests answered with ``cancelled``, subscriptions end with ``closed``) and exits
-128+signal. If stdout is closed by the reader, it cancels everything and exits 1.
+stderr (``--log-level``). Writes to stdout block: a parent must read stdout while it writes
+stdin (a bridge whose stdout pipe is full stops reading stdin).
+
+When stdin reaches EOF the bridge stops reading, **finishes** the requests in flight (their
+replies are written; each is bounded by its timeout), then gives open subscriptions up to
+``--eof-grace`` seconds (default 5) to end by themselves, ends the rest (``cause: "closed"``)
+and exits 0. So ``printf '<subscribe>\\n<wait>\\n' | effectctl bridge --stdio`` gets the whole
+stream. On SIGINT/SIGTERM it cancels everything at once (requests are answered ``cancelled``,
+subscriptions end ``closed``) and exits 128+signal. If its stdout is closed, it cancels
+everything and exits 1.
 """
 
 from __future__ import annotations
