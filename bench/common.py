@@ -43,6 +43,7 @@ class Sizes:
     python_n: int
     throughput_n: int
     throughput_batch: int
+    throughput_timeout: float
     sleep_n: int
     sleep_parallel: int
     cli_runs: int
@@ -59,15 +60,15 @@ class Sizes:
     gen_items: int
 
 
-FULL = Sizes("full", submit_n=3000, python_n=2000, throughput_n=10_000, throughput_batch=500,
+FULL = Sizes("full", submit_n=3000, python_n=2000, throughput_n=10_000, throughput_batch=500, throughput_timeout=300,
              sleep_n=200, sleep_parallel=16, cli_runs=15, cold_runs=5, stream_bytes=1 << 30,
              line_count=500, concurrency=(1, 8, 32), submitter_seconds=5.0, sqlite_rows=3000,
              huey_n=1000, huey_latency_n=100, ray_n=1000, ray_latency_n=1000, gen_items=10_000)
-QUICK = Sizes("quick", submit_n=500, python_n=300, throughput_n=1000, throughput_batch=250,
+QUICK = Sizes("quick", submit_n=500, python_n=300, throughput_n=1000, throughput_batch=250, throughput_timeout=120,
               sleep_n=200, sleep_parallel=16, cli_runs=5, cold_runs=2, stream_bytes=64 << 20,
               line_count=100, concurrency=(1, 8, 32), submitter_seconds=1.5, sqlite_rows=1000,
               huey_n=300, huey_latency_n=30, ray_n=300, ray_latency_n=200, gen_items=3000)
-TINY = Sizes("tiny", submit_n=60, python_n=30, throughput_n=100, throughput_batch=50,
+TINY = Sizes("tiny", submit_n=60, python_n=30, throughput_n=100, throughput_batch=50, throughput_timeout=60,
              sleep_n=32, sleep_parallel=16, cli_runs=2, cold_runs=1, stream_bytes=4 << 20,
              line_count=15, concurrency=(1, 8, 32), submitter_seconds=0.5, sqlite_rows=200,
              huey_n=30, huey_latency_n=5, ray_n=50, ray_latency_n=20, gen_items=500)

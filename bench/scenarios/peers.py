@@ -13,16 +13,20 @@ from bench.scenarios import throughput
 
 
 def effectd_reference(sizes: Sizes, shared: dict[str, Any], n_lat: int, n_tp: int) -> dict[str, Any]:
-    """effectd's no-op latency p50 and throughput: from this run's scenarios 2/3, else measured."""
-    if "python_e2e_p50" in shared and "throughput_rate" in shared:
-        return {"p50": shared["python_e2e_p50"], "rate": shared["throughput_rate"], "source": "scenarios 2 and 3"}
-    key = f"peer_ref_{n_lat}_{n_tp}"
+    """effectd's no-op latency p50 (scenario 2's when it ran) and throughput for the peer's own
+    task count ``n_tp`` (measured here, so both sides do the same amount of work)."""
+    key = f"peer_ref_{n_tp}"
     if key not in shared:
         with BenchDaemon(*throughput.FLAGS, wait_workers=2) as d:
             c = d.client()
-            lat = timed(lambda: c.wait(c.submit_python("bench.fx:noop")), n_lat, warmup=10)
-            tp = throughput.measure(d, n_tp, sizes.throughput_batch)
-        shared[key] = {"p50": summary(lat)["p50"], "rate": tp["rate"], "source": f"measured here (n={n_lat}/{n_tp})"}
+            if "python_e2e_p50" in shared:
+                p50, source = shared["python_e2e_p50"], "latency from scenario 2"
+            else:
+                p50 = summary(timed(lambda: c.wait(c.submit_python("bench.fx:noop")), n_lat, warmup=10))["p50"]
+                source = f"latency measured here (n={n_lat})"
+            tp = throughput.measure(d, n_tp, sizes.throughput_batch, sizes.throughput_timeout)
+        shared[key] = {"p50": p50, "rate": tp["rate"], "source": f"{source}; throughput of {n_tp} measured here",
+                       "throughput": tp}
     return shared[key]
 
 
