@@ -218,7 +218,10 @@ def run(command: tuple[str, ...], detach: bool, as_json: bool, **o: Any) -> None
                 raise KeyboardInterrupt
             cancelled = True
             click.echo(f"\neffectctl: cancelling {eid}", err=True)
-            c.cancel(eid, reason="interrupted")
+            # A second connection: the first may be in the middle of a request, and a REQ
+            # socket cannot send again before it has its reply.
+            with _client(autostart=False) as other:
+                other.cancel(eid, reason="interrupted")
 
         previous = signal.signal(signal.SIGINT, on_sigint)
         try:

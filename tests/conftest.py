@@ -103,8 +103,13 @@ class DaemonHandle:
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
             return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.send_signal(signal.SIGTERM)  # second signal: stop at once, no drain
+        from effectd.client import Client
+
+        try:  # stop at once (no drain); running effects end 'lost' with reason daemon_stopped
+            with Client(self.runtime, state=self.state, autostart=False, timeout=2.0, retries=0) as c:
+                c.shutdown(drain=False)
+        except Exception:
+            self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -464,11 +464,6 @@ def nested_submit(depth: int) -> bytes:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: the decoder accepts ~1020 levels of nesting in a request, but records (status/list/"
-    "wait replies) nest the effect's args 2 levels deeper than the request did; "
-    "codec.pack raises ValueError('recursion limit exceeded') outside on_control's try, "
-    "so one status request kills the daemon (exit 1) and orphans its workers"))
 def test_deeply_nested_arguments_do_not_crash_the_daemon() -> None:
     d = make_daemon(["--kill-grace", "1"])
     d.start()

@@ -495,14 +495,21 @@ class AsyncClient:
                     yield chunk
             if (await self.status(effect_id)).final:
                 f.finished(await self._final_sizes(effect_id, streams))
+            last_progress = time.monotonic()
             while not f.complete:
                 if f.final_sizes is not None:
                     for name in streams:
                         async for chunk in self._fill(effect_id, f, name, f.final_sizes[name]):
                             yield chunk
                     break
-                await asyncio.wait((recv,), timeout=STREAM_IDLE_CHECK)
-                if not recv.done():
+                # Check the store when nothing arrives, and also when only unrelated messages
+                # arrive (other subscribers' 'subscribed' events): a dropped 'finished' must not
+                # leave the stream waiting forever.
+                quiet = time.monotonic() - last_progress >= STREAM_IDLE_CHECK
+                if not quiet:
+                    await asyncio.wait((recv,), timeout=STREAM_IDLE_CHECK)
+                if quiet or not recv.done():
+                    last_progress = time.monotonic()
                     for name in streams:
                         async for chunk in self._fill(effect_id, f, name, None):
                             yield chunk
@@ -533,6 +540,7 @@ class AsyncClient:
                         yield chunk
                     part, _ = f.accept(live)
                 if part is not None:
+                    last_progress = time.monotonic()
                     yield part
         finally:
             self.last_follower = f

@@ -581,7 +581,11 @@ class PythonRun(Run):
         offset, kept = self.writer.write(stream, data)
         return [Chunk(stream, offset, kept)] if kept else []
 
-    def drain_events(self) -> tuple[list[Chunk], list[tuple[float | None, str | None]]]:
+    def drain_events(self, before_finish: Callable[[], None] | None = None
+                     ) -> tuple[list[Chunk], list[tuple[float | None, str | None]]]:
+        """Apply what the effect's thread queued. ``before_finish`` runs once the outcome is
+        dequeued and before the run finishes: the thread flushed its stdio before queueing the
+        outcome, so that is when the capture pipes hold all of its output."""
         chunks: list[Chunk] = []
         progress: list[tuple[float | None, str | None]] = []
         while self.phase is Phase.RUNNING:
@@ -596,8 +600,12 @@ class PythonRun(Run):
             elif kind == "progress":
                 self.progress.append(payload)
             elif kind == "done":
+                if before_finish is not None:
+                    before_finish()
                 chunks += self._finish("succeeded", result=payload)
             elif kind == "error":
+                if before_finish is not None:
+                    before_finish()
                 chunks += self._finish("failed", reason="exception", error=payload)
         return chunks, progress
 

@@ -172,7 +172,13 @@ class Daemon:
         self.outbox.append((sock, frames, durable))
 
     def reply(self, ident: bytes, request_id: Any, fields: dict[str, Any]) -> None:
-        self.queue_send(self.control, [ident, b"", codec.pack(ok_reply(request_id, **fields))])
+        try:
+            body = codec.pack(ok_reply(request_id, **fields))
+        except (ValueError, TypeError, OverflowError) as exc:  # e.g. msgpack's recursion limit
+            log.error("reply to %r could not be encoded: %s", request_id, exc)
+            self.reply_error(ident, request_id, InternalError(f"reply could not be encoded: {exc}"))
+            return
+        self.queue_send(self.control, [ident, b"", body])
 
     def reply_error(self, ident: bytes, request_id: Any, exc: EffectdError) -> None:
         self.queue_send(self.control, [ident, b"", codec.pack(error_reply(request_id, exc.code, exc.message))],
@@ -181,7 +187,12 @@ class Daemon:
     def to_worker(self, worker_id: str, msg: dict[str, Any], durable: bool = True) -> None:
         """``durable`` messages (assign, ack) announce journaled facts and are dropped if the
         batch fails to commit; control messages (cancel, stop) are sent regardless."""
-        self.queue_send(self.workers_sock, [worker_id.encode(), codec.pack(msg)], durable)
+        try:
+            body = codec.pack(msg)
+        except (ValueError, TypeError, OverflowError) as exc:
+            log.error("message %s to worker %s could not be encoded: %s", msg.get("t"), worker_id, exc)
+            return
+        self.queue_send(self.workers_sock, [worker_id.encode(), body], durable)
 
     def publish_event(self, effect_id: str, event: str, **fields: Any) -> None:
         self.queue_send(self.stream, [effect_id.encode(), codec.pack(event_header(event, **fields)), b""])

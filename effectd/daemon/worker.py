@@ -153,6 +153,10 @@ class Worker:
             else:
                 log.info("stray %s output outside any effect: %r", stream, data[:200])
 
+    def _read_all_capture(self) -> None:
+        for fd in self._capture:
+            self._read_capture(fd)
+
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
@@ -276,9 +280,7 @@ class Worker:
                 if isinstance(run, PythonRun):
                     # The effect flushes its stdio before queueing its outcome: drain the
                     # capture pipes first, so its last prints belong to it.
-                    for fd in self._capture:
-                        self._read_capture(fd)
-                    chunks, _ = run.drain_events()
+                    chunks, _ = run.drain_events(before_finish=self._read_all_capture)
                     self._after_run_step(run, chunks)
                 if run.effect_id in self.runs:
                     self._after_run_step(run, run.tick(wall))

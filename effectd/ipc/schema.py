@@ -93,6 +93,27 @@ MAX_WAIT_SECONDS = 3600.0
 MAX_LABELS = 64
 MAX_SHORT_STR = 1024
 MAX_COMMAND_LEN = 1024 * 1024
+MAX_NESTING = 64
+"""Deepest nesting accepted inside free-form values (python args/kwargs): replies embed them a
+few levels deeper, and msgpack's encoder has its own recursion limit."""
+
+
+def nesting_depth(value: Any, limit: int = MAX_NESTING + 1) -> int:
+    """Depth of nested arrays/maps in ``value`` (stops counting past ``limit``)."""
+    depth = 0
+    level = [value]
+    while level and depth <= limit:
+        nxt: list[Any] = []
+        for v in level:
+            if isinstance(v, dict):
+                nxt.extend(v.values())
+            elif isinstance(v, list):
+                nxt.extend(v)
+        if not nxt:
+            return depth + (1 if any(isinstance(v, (dict, list)) for v in level) else 0)
+        depth += 1
+        level = nxt
+    return depth
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,12 +207,16 @@ def check_field(f: Field, value: Any, where: str | None = None) -> Any:
         if f.items and f.items != "any":
             for i, item in enumerate(value):
                 _check_scalar(f"{where}[{i}]", f.items, item, f)
+        elif f.items == "any" and nesting_depth(value) > MAX_NESTING:
+            raise BadRequest(f"{where}: nested deeper than {MAX_NESTING} levels")
         return value
     if f.type == "map":
         if not isinstance(value, dict):
             raise BadRequest(f"{where}: expected a map, got {type(value).__name__}")
         if f.max_len is not None and len(value) > f.max_len:
             raise BadRequest(f"{where}: more than {f.max_len} entries")
+        if f.items == "any" and nesting_depth(value) > MAX_NESTING:
+            raise BadRequest(f"{where}: nested deeper than {MAX_NESTING} levels")
         if f.items and f.items != "any":
             for key, item in value.items():
                 if len(key) > MAX_SHORT_STR:
