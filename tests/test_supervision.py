@@ -165,3 +165,39 @@ def test_world_writable_runtime_dir_is_refused(daemon_factory: Any) -> None:
     assert d.proc is not None
     assert d.proc.wait(20) == 1
     assert "writable by group or others" in d.log()
+
+
+@pytest.mark.timeout(60)
+def test_pool_grows_for_python_effects_and_idle_workers_retire(daemon_factory: Any) -> None:
+    d = daemon_factory("--min-workers", "1", "--max-workers", "3", "--worker-idle-timeout", "0.5")
+    c = d.client()
+    ids = [c.submit_python("effectd_test_effects:count", [3, 0.3]) for _ in range(3)]
+    records = c.wait_many(ids, timeout=40)
+    assert all(r.state is EffectState.SUCCEEDED for r in records)
+    # Three python effects overlapped: each had a worker to itself.
+    assert max(r.started_at for r in records) < min(r.finished_at for r in records)
+    wait_until(lambda: len(c.hello()["workers"]) == 1, timeout=20, what="idle workers retired to --min-workers")
+
+
+@pytest.mark.timeout(60)
+def test_worker_recycled_after_max_effects(daemon_factory: Any) -> None:
+    d = daemon_factory("--max-effects-per-worker", "2", "--max-workers", "1")
+    c = d.client()
+    pids = set()
+    for _ in range(4):
+        rec = c.wait(c.submit_python("os:getpid"), timeout=30)
+        pids.add(rec.result)
+    assert len(pids) >= 2  # a fresh worker took over after two effects
+
+
+@pytest.mark.timeout(30)
+def test_corrupt_journal_stops_the_daemon_with_a_clear_message(daemon_factory: Any) -> None:
+    d = daemon_factory(start=False)
+    d.state.mkdir(mode=0o700, parents=True)
+    (d.state / "journal.sqlite3").write_bytes(b"this is not a sqlite database" * 200)
+    d.start(wait=False)
+    assert d.proc is not None
+    assert d.proc.wait(20) == 1
+    log = d.log()
+    assert "cannot be used" in log and "Move it aside" in log
+    assert (d.state / "journal.sqlite3").read_bytes().startswith(b"this is not")  # never reset

@@ -8,6 +8,7 @@ messages to workers), so every scheduling rule is testable without I/O.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -172,8 +173,10 @@ DepLookup = Callable[[str], "EffectState | None"]
 class Scheduler:
     """Holds every non-final effect and every worker; decides what runs where."""
 
-    def __init__(self, limits: Limits, rng: random.Random | None = None) -> None:
+    def __init__(self, limits: Limits, rng: random.Random | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
+        self.monotonic = monotonic
         self.group_limits: dict[str, int] = dict(limits.group_limits)
         self.effects: dict[str, Effect] = {}
         self.workers: dict[str, Worker] = {}
@@ -296,7 +299,9 @@ class Scheduler:
             if worker.python_effect == eff.id:
                 worker.python_effect = None
             if not worker.effects:
-                worker.idle_since = now
+                # Worker times are monotonic (compared in idle_workers_to_retire); ``now`` is
+                # the wall clock of the effect's record.
+                worker.idle_since = self.monotonic()
             worker.effects_done += 1
 
     def conclude(self, eff: Effect, state: EffectState, now: float, *, reason: str | None = None,
