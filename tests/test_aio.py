@@ -226,6 +226,57 @@ def test_stream_fills_forced_drops_exactly(daemon_factory: Any, monkeypatch: pyt
 
 
 @pytest.mark.timeout(60)
+def test_stream_ends_without_its_finished_event_despite_unrelated_traffic(
+        daemon: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The 'finished' event is lost (made unrecognisable here), and another subscriber keeps
+    # the SUB socket busy with 'subscribed' events more often than the idle check: the stream
+    # must still notice the effect is final from the store.
+    import zmq
+    import zmq.asyncio
+
+    import effectd.client.aio as aio
+    from effectd.ipc import codec as real_codec
+
+    class LossyCodec:
+        pack = staticmethod(real_codec.pack)
+        MAX_WORKER_MESSAGE_BYTES = real_codec.MAX_WORKER_MESSAGE_BYTES
+
+        @staticmethod
+        def unpack(data: Any, **kwargs: Any) -> Any:
+            msg = real_codec.unpack(data, **kwargs)
+            if isinstance(msg, dict) and msg.get("event") == "finished":
+                msg["event"] = "dropped"
+            return msg
+
+    monkeypatch.setattr(aio, "codec", LossyCodec)
+
+    async def body(c: AsyncClient) -> None:
+        eid = await c.submit_shell("echo before; sleep 1; echo after")
+        stop = asyncio.Event()
+
+        async def churn() -> None:
+            sub = c.ctx.socket(zmq.SUB)
+            sub.connect(c.endpoints.stream)
+            try:
+                while not stop.is_set():
+                    sub.setsockopt(zmq.SUBSCRIBE, eid.encode())
+                    await asyncio.sleep(0.1)
+                    sub.setsockopt(zmq.UNSUBSCRIBE, eid.encode())
+            finally:
+                sub.close(linger=0)
+
+        noise = asyncio.create_task(churn())
+        try:
+            data = await asyncio.wait_for(_collect(c, eid), 30)
+        finally:
+            stop.set()
+            await noise
+        assert data == b"before\nafter\n"
+
+    run(daemon, body)
+
+
+@pytest.mark.timeout(60)
 def test_stream_of_unknown_effect_raises(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:
         with pytest.raises(NotFound):

@@ -178,6 +178,9 @@ class AsyncClient:
             except EffectdError as exc:
                 log.warning("dropping an undecodable reply: %s", exc)
                 continue
+            except Exception:  # never let one reply end the reader: every caller would go deaf
+                log.exception("dropping a reply that could not be handled")
+                continue
             self._deliver(reply, None)
 
     def _deliver(self, reply: Any, error: EffectdError | None) -> None:
