@@ -13,7 +13,18 @@ from effectd.ipc.errors import (
 )
 from effectd.ipc.schema import EffectState
 
+
+def __getattr__(name: str) -> object:
+    # AsyncClient imports asyncio and zmq.asyncio: only when someone asks for it.
+    if name == "AsyncClient":
+        from effectd.client.aio import AsyncClient
+
+        return AsyncClient
+    raise AttributeError(name)
+
+
 __all__ = [
+    "AsyncClient",
     "Chunk", "Client", "DaemonUnavailable", "EffectError", "EffectRecord", "EffectState", "EffectdError",
     "InvalidState", "NotFound", "OutputSlice", "RequestError", "Unavailable", "python_spec", "shell_spec",
     "sleep_spec",

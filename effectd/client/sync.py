@@ -215,11 +215,11 @@ class Client:
 
     # ---- streams --------------------------------------------------------------------------
 
-    def _fill(self, f: Follower, stream: str, until: int | None) -> Iterator[Chunk]:
+    def _fill(self, effect_id: str, f: Follower, stream: str, until: int | None) -> Iterator[Chunk]:
         """Read the store from f.expected[stream] up to ``until`` (None: to the current end)."""
         while until is None or f.expected[stream] < until:
             want = None if until is None else min(until - f.expected[stream], MAX_READ_BYTES)
-            piece = self.read_output(self._stream_id, stream, f.expected[stream], want)
+            piece = self.read_output(effect_id, stream, f.expected[stream], want)
             chunk = f.stored(stream, piece.offset, piece.data)
             if chunk is not None:
                 yield chunk
@@ -238,7 +238,6 @@ class Client:
             if name not in OUTPUT_STREAMS:
                 raise ValueError(f"unknown stream {name!r}")
         self.connect()
-        self._stream_id = effect_id
         f = Follower.start(streams, from_offset)
         sub: zmq.Socket[bytes] = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
@@ -251,7 +250,7 @@ class Client:
             if sub.poll(2000, zmq.POLLIN):
                 pass
             for name in streams:
-                yield from self._fill(f, name, None)
+                yield from self._fill(effect_id, f, name, None)
             rec = self.status(effect_id)
             if rec.final:
                 f.finished(self._final_sizes(effect_id, streams))
@@ -259,7 +258,7 @@ class Client:
             while not f.complete:
                 if f.final_sizes is not None:
                     for name in streams:
-                        yield from self._fill(f, name, f.final_sizes[name])
+                        yield from self._fill(effect_id, f, name, f.final_sizes[name])
                     break
                 # Check the store when nothing arrives, and also when only unrelated messages
                 # arrive (other subscribers' 'subscribed' events) - a dropped 'finished' must
@@ -268,7 +267,7 @@ class Client:
                 if quiet or not sub.poll(int(STREAM_IDLE_CHECK * 1000), zmq.POLLIN):
                     last_progress = time.monotonic()
                     for name in streams:
-                        yield from self._fill(f, name, None)
+                        yield from self._fill(effect_id, f, name, None)
                     rec = self.status(effect_id)
                     if rec.final:
                         f.finished(self._final_sizes(effect_id, streams))
@@ -290,7 +289,7 @@ class Client:
                 part, gap = f.accept(chunk)
                 if gap is not None:
                     f.gaps_filled += 1
-                    yield from self._fill(f, gap[0], gap[2])
+                    yield from self._fill(effect_id, f, gap[0], gap[2])
                     part, _ = f.accept(chunk)
                 if part is not None:
                     last_progress = time.monotonic()

@@ -589,7 +589,11 @@ class Daemon:
             return
         live = [w for w in self.sched.workers.values() if w.state is not WorkerState.DEAD]
         for w in live:
-            if w.state is not WorkerState.STOPPING:
+            if w.state is WorkerState.STARTING:
+                # Not connected yet, so a 'stop' message cannot reach it; it holds no effects.
+                self.procs.kill(w.id, w.pid)
+                w.state = WorkerState.STOPPING
+            elif w.state is not WorkerState.STOPPING:
                 self.retire(w, "daemon_stopped")
         if not self.procs.children and not self.procs.adopted_pids:
             self.stop_requested = True
