@@ -211,3 +211,19 @@ def test_full_disk_refuses_submits_without_acknowledging(daemon_factory: Any) ->
         with contextlib.suppress(Exception):
             d.stop()
         subprocess.run(["umount", "-l", str(d.state)], check=False)
+
+
+@pytest.mark.timeout(60)
+def test_worker_without_daemon_kills_its_effects_after_orphan_timeout(daemon_factory: Any) -> None:
+    d = daemon_factory("--orphan-timeout", "2", "--kill-grace", "1", "--heartbeat", "0.3")
+    c = d.client()
+    eid = c.submit_shell("echo $$; sleep 300")
+    wait_until(lambda: c.read_output(eid, "stdout", 0, 64).data.strip(), what="effect pid")
+    pid = int(c.read_output(eid, "stdout", 0, 64).data)
+    child = psutil.Process(pid)
+    workers = d.worker_processes()
+    d.kill9()  # and no daemon comes back
+    # Nothing runs unsupervised forever: the worker notices the silence, waits out the orphan
+    # timeout, kills its effect's tree and exits.
+    _, alive = psutil.wait_procs([child, *workers], timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
