@@ -149,7 +149,9 @@ def load() -> str:
 
 
 def _ratio(row: Row) -> str:
-    return "-" if row.ratio is None else f"{row.ratio:.2f}x"
+    if row.ratio is None:
+        return "-"
+    return f"{row.ratio:.4f}x" if abs(row.ratio) < 0.01 else f"{row.ratio:.2f}x"
 
 
 def table(results: list[ScenarioResult]) -> str:
