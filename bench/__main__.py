@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from bench.common import FULL, QUICK, TINY, REPO, Row, ScenarioResult, Sizes, fmt
+from bench.common import FULL, QUICK, REPO, TINY, Row, ScenarioResult, Sizes, fmt
 
 Runner = Callable[[Sizes, dict[str, Any]], ScenarioResult]
 
@@ -58,9 +58,10 @@ def scenarios() -> list[tuple[str, str, Runner]]:
 
 
 def machine() -> dict[str, Any]:
+    import sqlite3
+
     import msgpack
     import psutil
-    import sqlite3
     import zmq
 
     model = ""
@@ -178,10 +179,10 @@ def table(results: list[ScenarioResult]) -> str:
             rows.append(["", f"note: {note[:160]}", "", "", "", "", "", "", ""])
     widths = [max(len(h), *(len(x[i]) for x in rows)) if rows else len(h) for i, h in enumerate(head)]
     widths[1] = min(widths[1], 60)
-    lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths)),
+    lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)),
              "-+-".join("-" * w for w in widths)]
     for x in rows:
-        lines.append(" | ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip())
+        lines.append(" | ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)).rstrip())
     return "\n".join(lines)
 
 
@@ -248,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     print(f"effectd bench, mode {sizes.mode}: {info['cpu']}, {info['cores']} cores, Python {info['python']}, "
           f"pyzmq {info['pyzmq']} (libzmq {info['libzmq']}), msgpack {info['msgpack']}, "
-          f"psutil {info['psutil']}, SQLite {info['sqlite']}\neffectd at {info['git']} ({info['effectd_from']}); {info['load']}", flush=True)
+          f"psutil {info['psutil']}, SQLite {info['sqlite']}\n"
+          f"effectd at {info['git']} ({info['effectd_from']}); {info['load']}", flush=True)
     shared: dict[str, Any] = {}
     results: list[ScenarioResult] = []
     t_all = time.perf_counter()
@@ -259,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             res = runner(sizes, shared)
-        except Exception as exc:  # noqa: BLE001 - one broken scenario must not hide the others
+        except Exception as exc:
             res = ScenarioResult(key, title, error=f"{type(exc).__name__}: {exc}")
             res.details["traceback"] = traceback.format_exc()
         res.seconds = time.perf_counter() - t0

@@ -130,7 +130,7 @@ def ppe_throughput(n: int, workers: int = 2) -> dict[str, Any]:
 # ---- raw subprocess pool of sleeps -------------------------------------------------------------
 
 def popen_sleeps(n: int, parallel: int, seconds: float) -> dict[str, Any]:
-    """``n`` × ``sleep SECONDS`` processes, at most ``parallel`` at once, plain Popen; wall time."""
+    """``n`` x ``sleep SECONDS`` processes, at most ``parallel`` at once, plain Popen; wall time."""
     t0 = time.perf_counter()
     running: dict[int, subprocess.Popen[bytes]] = {}
     started = 0
@@ -188,7 +188,7 @@ def _timestamp_publisher(addr: str, count: int, interval: float) -> None:
 
 def pubsub_latency(count: int, interval: float = 0.02) -> dict[str, Any]:
     """One-way latency of a PUB/SUB message over ipc between two processes: the publisher sends
-    ``time.time()`` every ``interval`` s, the subscriber takes receive time − embedded time (the
+    ``time.time()`` every ``interval`` s, the subscriber takes receive time - embedded time (the
     same method as effectd's line-latency scenario)."""
     tmp = tempfile.mkdtemp(prefix="ebp-", dir="/tmp")
     addr = f"ipc://{tmp}/ps.sock"

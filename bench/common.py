@@ -237,10 +237,9 @@ class BenchDaemon:
                 raise RuntimeError("strace is not installed")
             argv = ["strace", "-f", "--seccomp-bpf", "-qq", "-e", "trace=fsync,fdatasync", "-ff",
                     "-o", str(self.strace_prefix), *argv]
-        log = open(self.root / "daemon.log", "ab")
-        self.proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                     cwd=REPO)
-        log.close()
+        with open(self.root / "daemon.log", "ab") as log:
+            self.proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                         cwd=REPO)
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 30.0) -> None:

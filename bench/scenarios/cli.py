@@ -111,7 +111,8 @@ def run_cli(sizes: Sizes, shared: dict[str, Any]) -> ScenarioResult:
                    "effect_duration_in_daemon_ms": effect_ms, "leaked": leaked,
                    "target_reading": "warm <= 2 x (python -c 'import zmq, msgpack, click') + subprocess.run(['true'])"}
     res.rows.append(Row("effectctl run -- true, warm p50", warm["p50"], "ms", imp, f"python -c '{IMPORTS}'",
-                        "<= 2x imports + true", warm["p50"] <= bound, p99=warm["p99"], baseline_p99=base["python_imports"]["p99"]))
+                        "<= 2x imports + true", warm["p50"] <= bound, p99=warm["p99"],
+                        baseline_p99=base["python_imports"]["p99"]))
     res.rows.append(Row("effectctl run -- true, cold p50", cold["p50"], "ms", imp, f"python -c '{IMPORTS}'",
                         p99=cold["p99"]))
     res.rows.append(Row("  baseline: python -c pass p50", base["python_pass"]["p50"], "ms"))

@@ -47,7 +47,7 @@ def run(sizes: Sizes, shared: dict[str, Any]) -> ScenarioResult:
             live_error = None
             try:
                 live_bytes, live_chunks = consume(c, eid)
-            except Exception as exc:  # noqa: BLE001 - reported as the scenario's error
+            except Exception as exc:
                 live_error = f"live stream failed: {type(exc).__name__}: {exc}"
                 live_bytes = live_chunks = -1
             live_s = time.perf_counter() - t0

@@ -38,7 +38,7 @@ def window(d: BenchDaemon, threads: int, seconds: float, count_syncs: bool) -> d
             while not stop.is_set():
                 c.submit_sleep(0)
                 n += 1
-        except Exception as exc:  # noqa: BLE001 - reported, not hidden
+        except Exception as exc:
             errors.append(repr(exc))
         counts[i] = n
 
