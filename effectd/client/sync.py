@@ -26,7 +26,7 @@ DEFAULT_TIMEOUT = 5.0
 DEFAULT_RETRIES = 2
 WAIT_SLICE = 30.0
 """A wait without timeout is a loop of server-side waits this long (detects a dead daemon)."""
-STREAM_IDLE_CHECK = 1.0
+STREAM_IDLE_CHECK = 0.25
 """A stream that hears nothing this long checks the store (covers a dropped 'finished' event)."""
 
 

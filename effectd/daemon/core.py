@@ -68,7 +68,10 @@ class Effect:
 
     @property
     def kind(self) -> EffectKind:
-        return EffectKind(self.spec["kind"])
+        kind = self.__dict__.get("_kind")
+        if kind is None:
+            kind = self.__dict__["_kind"] = EffectKind(self.spec["kind"])
+        return kind
 
     @property
     def priority(self) -> int:
@@ -224,7 +227,18 @@ class Scheduler:
         for e in running:
             if e.group:
                 per_group[e.group] = per_group.get(e.group, 0) + 1
-        candidates = sorted(self.queued(), key=lambda e: (-e.priority, e.seq))
+        queued = self.queued()
+        if not queued:
+            return assignments, dep_failed, self._spawn_needed(0)
+        if not any(w.free_slots() > 0 or w.can_take(EffectKind.PYTHON) for w in self.workers.values()):
+            # No room anywhere: skip sorting the queue; only decide how many workers to start.
+            python = sum(1 for e in queued if e.kind is EffectKind.PYTHON and e.not_before <= now)
+            others = sum(1 for e in queued if e.kind is not EffectKind.PYTHON and e.not_before <= now)
+            room = max(0, self.limits.parallel - in_flight)
+            python = min(python, room)
+            slots = max(1, self.limits.worker_slots)
+            return assignments, dep_failed, self._spawn_needed(python + (min(others, room) + slots - 1) // slots)
+        candidates = sorted(queued, key=lambda e: (-e.priority, e.seq))
         unplaced_python = 0
         unplaced_shell = 0
         for eff in candidates:

@@ -35,8 +35,7 @@ class OutputWriter:
     """Appends one effect's output; ``write`` returns (offset, bytes actually kept) to publish."""
 
     def __init__(self, effect_dir: Path, max_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> None:
-        effect_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.dir = effect_dir
+        self.dir = effect_dir  # created on the first write: many effects write nothing
         self.max_bytes = max_bytes
         self.tail_keep = min(TAIL_KEEP_BYTES, max_bytes // 4)
         self._head_cap = max_bytes - self.tail_keep
@@ -45,6 +44,7 @@ class OutputWriter:
     def _stream(self, name: str) -> _StreamFile:
         sf = self._streams.get(name)
         if sf is None:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             path = self.dir / name
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             sf = _StreamFile(path=path, fd=fd, offset=os.fstat(fd).st_size)

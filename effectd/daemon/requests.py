@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from effectd import __version__
@@ -38,6 +38,11 @@ class Waiter:
     ids: list[str]
     first: bool
     deadline: float
+    pending: set[str] = field(default_factory=set)  # ids not final yet
+
+    @property
+    def satisfied(self) -> bool:
+        return len(self.pending) < len(set(self.ids)) if self.first else not self.pending
 
 
 def _without_env(rec: dict[str, Any]) -> dict[str, Any]:
@@ -54,6 +59,8 @@ RESULT_FIELDS = ("id", "state", "reason", "exit_code", "signal", "result", "erro
 class RequestHandlers:
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
+        self.waiters_by_effect: dict[str, list[Waiter]] = {}
+        self.ready_waiters: list[Waiter] = []
 
     def dispatch(self, ident: bytes, req: Request) -> dict[str, Any] | None:
         """Reply fields, or None when the request was parked (wait)."""
@@ -187,21 +194,46 @@ class RequestHandlers:
             return self.wait_reply(ids, timed_out=not self._wait_done(ids, first))
         if len(self.d.waiters) >= self.d.config.max_waits:
             raise TooManyWaits(f"{len(self.d.waiters)} waits are parked (limit {self.d.config.max_waits})")
-        self.d.waiters.append(Waiter(ident, req.id, ids, first, time.monotonic() + req.args["timeout"]))
+        pending = {i for i in ids if self.state_of(i) not in FINAL_STATES}
+        waiter = Waiter(ident, req.id, ids, first, time.monotonic() + req.args["timeout"], pending)
+        self.d.waiters.append(waiter)
+        for eid in pending:
+            self.waiters_by_effect.setdefault(eid, []).append(waiter)
         return None
 
+    def effect_final(self, effect_id: str) -> None:
+        """Called when an effect's final state is journaled: wakes only the waits on it."""
+        for waiter in self.waiters_by_effect.pop(effect_id, ()):
+            waiter.pending.discard(effect_id)
+            if waiter.satisfied:
+                self.ready_waiters.append(waiter)
+
     def resolve_waiters(self, now: float) -> None:
-        still: list[Waiter] = []
-        for w in self.d.waiters:
+        """Answer waits whose effects became final, and those whose deadline passed. Work per
+        loop turn is proportional to the waits answered, not to all effects waited on."""
+        if not self.ready_waiters and (not self.d.waiters or now < self.next_deadline()):
+            return
+        answered = {id(w) for w in self.ready_waiters}
+        due = [w for w in self.d.waiters if id(w) in answered or now >= w.deadline]
+        if not due:
+            return
+        gone = {id(w) for w in due}
+        self.d.waiters = [w for w in self.d.waiters if id(w) not in gone]
+        self.ready_waiters = []
+        for w in due:
+            for eid in w.pending:
+                lst = self.waiters_by_effect.get(eid)
+                if lst is not None:
+                    lst[:] = [x for x in lst if x is not w]
+                    if not lst:
+                        del self.waiters_by_effect[eid]
             try:
-                done = self._wait_done(w.ids, w.first)
-                if done or now >= w.deadline:
-                    self.d.reply(w.ident, w.request_id, self.wait_reply(w.ids, timed_out=not done))
-                else:
-                    still.append(w)
+                self.d.reply(w.ident, w.request_id, self.wait_reply(w.ids, timed_out=not w.satisfied))
             except NotFound as exc:  # garbage-collected meanwhile
                 self.d.reply_error(w.ident, w.request_id, exc)
-        self.d.waiters = still
+
+    def next_deadline(self) -> float:
+        return min((w.deadline for w in self.d.waiters), default=float("inf"))
 
     def op_result(self, ident: bytes, req: Request) -> dict[str, Any]:
         rec = self.records([req.args["id"]])[0]

@@ -194,6 +194,7 @@ class ShellRun(Run):
         self._stdin_buf = b""
         self._progress_r = -1
         self._progress_buf = b""
+        self.sibling_pids: Callable[[], set[int]] = set  # main pids of the worker's other effects
         progress_r, progress_w = os.pipe2(os.O_CLOEXEC)
         env[PROGRESS_ENV] = str(PROGRESS_CHILD_FD)
         stdin_r = -1
@@ -362,7 +363,7 @@ class ShellRun(Run):
         is (below) a direct child of the worker carrying this effect's marker: checking those is
         far cheaper than scanning every process."""
         for pid in own_children():
-            if pid == self.pid:
+            if pid == self.pid or pid in self.sibling_pids():
                 continue
             with contextlib.suppress(psutil.Error):
                 child = psutil.Process(pid)

@@ -290,6 +290,7 @@ class Daemon:
         if final:
             self.journal.put_effect(eff.to_record(), "finished")
             self.final_markers.append(eff.id)
+            self.handlers.effect_final(eff.id)
             self.publish_event(eff.id, "finished", state=eff.state.value, attempt=eff.attempt,
                                sizes=self.outputs.sizes(eff.id))
         else:
@@ -495,9 +496,10 @@ class Daemon:
             self.retention.collect()
         self.handlers.resolve_waiters(now)
         self.drive_shutdown(now)
-        counts = self.sched.counts()
-        self.notifier.status(f"{counts.get('running', 0)} running, {counts.get('queued', 0)} queued, "
-                             f"{len(self.sched.live_workers())} workers")
+        if self.notifier.enabled:
+            counts = self.sched.counts()
+            self.notifier.status(f"{counts.get('running', 0)} running, {counts.get('queued', 0)} queued, "
+                                 f"{len(self.sched.live_workers())} workers")
         if not self.ready_sent and (self.ready_workers() >= self.config.min_workers or now - self.started > 10):
             self.ready_sent = True
             self.notifier.ready()
@@ -607,8 +609,8 @@ class Daemon:
             return 0
         timeout = self.config.heartbeat / 2
         now = time.monotonic()
-        for w in self.waiters:
-            timeout = min(timeout, max(0.0, w.deadline - now))
+        if self.waiters:
+            timeout = min(timeout, max(0.0, self.handlers.next_deadline() - now))
         if self.pending_kills or self.draining:
             timeout = min(timeout, 0.05)
         nb = [e.not_before - time.time() for e in self.sched.effects.values() if e.not_before]

@@ -157,6 +157,9 @@ class Worker:
         for fd in self._capture:
             self._read_capture(fd)
 
+    def _main_pids(self) -> set[int]:
+        return {r.pid for r in self.runs.values() if r.pid is not None}
+
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
@@ -208,6 +211,7 @@ class Worker:
             source = self.outputs_root / spec["stdin_from"] if spec.get("stdin_from") else None
             run = ShellRun(effect_id, attempt, spec, writer, base_env=self.base_env, stdin_source=source,
                            **common)
+            run.sibling_pids = self._main_pids
         elif kind == "python":
             run = PythonRun(effect_id, attempt, spec, writer, wake=self._wake, **common)
         else:
