@@ -10,9 +10,23 @@ import contextlib
 import fcntl
 import os
 import stat
+import time
 from pathlib import Path
 
 from effectd.ipc.endpoints import LOCK_FILE
+
+PROBE_PATIENCE = 1.0
+"""Seconds a starting daemon waits for a client's probing (shared) lock to go away."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class AlreadyRunning(Exception):
@@ -56,11 +70,19 @@ class RuntimeLock:
 
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise AlreadyRunning(read_pid(self.path.parent), self.path.parent) from None
+        deadline = time.monotonic() + PROBE_PATIENCE
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pid = read_pid(self.path.parent)
+                # Clients probe for a daemon with a brief shared lock; only a lock file naming
+                # a live process means a daemon really runs. Otherwise wait the probe out.
+                if (pid is not None and _alive(pid)) or time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise AlreadyRunning(pid, self.path.parent) from None
+                time.sleep(0.005)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd

@@ -40,6 +40,7 @@ from effectd.ipc.endpoints import Endpoints, stream_hwm
 from effectd.ipc.errors import DiskFull, EffectdError, InternalError, Unavailable
 from effectd.ipc.schema import (
     FINAL_STATES,
+    OPS,
     WORKER_TO_DAEMON,
     EffectKind,
     EffectState,
@@ -171,14 +172,17 @@ class Daemon:
     def queue_send(self, sock: zmq.Socket[bytes], frames: list[bytes], durable: bool = True) -> None:
         self.outbox.append((sock, frames, durable))
 
-    def reply(self, ident: bytes, request_id: Any, fields: dict[str, Any]) -> None:
+    def reply(self, ident: bytes, request_id: Any, fields: dict[str, Any], durable: bool = True) -> None:
+        """Queue a reply. ``durable`` replies (to mutating requests, and waits reporting final
+        states) are replaced by ``disk_full`` if the batch fails to commit; read-only replies
+        are sent regardless, so a daemon on a full disk still answers hello/status/list."""
         try:
             body = codec.pack(ok_reply(request_id, **fields))
         except (ValueError, TypeError, OverflowError) as exc:  # e.g. msgpack's recursion limit
             log.error("reply to %r could not be encoded: %s", request_id, exc)
             self.reply_error(ident, request_id, InternalError(f"reply could not be encoded: {exc}"))
             return
-        self.queue_send(self.control, [ident, b"", body])
+        self.queue_send(self.control, [ident, b"", body], durable)
 
     def reply_error(self, ident: bytes, request_id: Any, exc: EffectdError) -> None:
         self.queue_send(self.control, [ident, b"", codec.pack(error_reply(request_id, exc.code, exc.message))],
@@ -279,7 +283,7 @@ class Daemon:
             return
         self.journal.release_savepoint()
         if fields is not None:
-            self.reply(ident, req.id, fields)
+            self.reply(ident, req.id, fields, durable=OPS[req.op].mutating or req.op == "wait")
 
     # ---- effects --------------------------------------------------------------------------
 
