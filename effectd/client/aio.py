@@ -46,7 +46,7 @@ import zmq
 import zmq.asyncio
 
 from effectd.client import autostart
-from effectd.client.follow import Follower
+from effectd.client.follow import FINISHED, Follower, parse_frame
 from effectd.client.records import Chunk, EffectRecord, OutputSlice
 from effectd.client.spec import python_spec, shell_spec, sleep_spec
 from effectd.ipc import codec
@@ -523,19 +523,12 @@ class AsyncClient:
                     raise DaemonUnavailable("the client was closed during the stream")
                 frames = recv.result()
                 recv = asyncio.ensure_future(sub.recv_multipart())
-                if len(frames) != 3:
+                live = parse_frame(frames)
+                if live == FINISHED:
+                    f.finished(await self._final_sizes(effect_id, streams))
                     continue
-                try:
-                    header = codec.unpack(frames[1])
-                except EffectdError:
+                if not isinstance(live, Chunk):
                     continue
-                if not isinstance(header, dict):
-                    continue
-                if header.get("stream") == "event":
-                    if header.get("event") == "finished":
-                        f.finished(await self._final_sizes(effect_id, streams))
-                    continue
-                live = Chunk(str(header.get("stream")), int(header.get("offset", 0)), frames[2])
                 part, gap = f.accept(live)
                 if gap is not None:
                     f.gaps_filled += 1

@@ -11,8 +11,33 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from effectd.client.records import Chunk
+from effectd.ipc import codec
+from effectd.ipc.errors import EffectdError
+
+FINISHED: Literal["finished"] = "finished"
+
+
+def parse_frame(frames: list[bytes]) -> Chunk | Literal["finished"] | None:
+    """Decode one stream message ``[topic, header, data]``: an output chunk, the ``finished``
+    event, or None for anything else (other events, malformed messages: never trusted)."""
+    if len(frames) != 3:
+        return None
+    try:
+        header = codec.unpack(frames[1])
+    except EffectdError:
+        return None
+    if not isinstance(header, dict):
+        return None
+    stream = header.get("stream")
+    if stream == "event":
+        return FINISHED if header.get("event") == "finished" else None
+    offset = header.get("offset")
+    if not isinstance(stream, str) or not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        return None
+    return Chunk(stream, offset, bytes(frames[2]))
 
 
 @dataclass

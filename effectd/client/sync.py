@@ -13,13 +13,12 @@ import msgpack
 import zmq
 
 from effectd.client import autostart
-from effectd.client.follow import Follower
+from effectd.client.follow import FINISHED, Follower, parse_frame
 from effectd.client.records import Chunk, EffectRecord, OutputSlice
 from effectd.client.spec import python_spec, shell_spec, sleep_spec
 from effectd.client.transport import ReqChannel
-from effectd.ipc import codec
 from effectd.ipc.endpoints import Endpoints, runtime_dir, state_dir, stream_hwm
-from effectd.ipc.errors import DaemonUnavailable, EffectdError
+from effectd.ipc.errors import DaemonUnavailable
 from effectd.ipc.schema import MAX_READ_BYTES, OUTPUT_STREAMS, EffectState, build_request
 
 DEFAULT_TIMEOUT = 5.0
@@ -272,20 +271,12 @@ class Client:
                     if rec.final:
                         f.finished(self._final_sizes(effect_id, streams))
                     continue
-                frames = sub.recv_multipart()
-                if len(frames) != 3:
+                chunk = parse_frame(sub.recv_multipart())
+                if chunk == FINISHED:
+                    f.finished(self._final_sizes(effect_id, streams))
                     continue
-                try:
-                    header = codec.unpack(frames[1])
-                except EffectdError:
+                if not isinstance(chunk, Chunk):
                     continue
-                if not isinstance(header, dict):
-                    continue
-                if header.get("stream") == "event":
-                    if header.get("event") == "finished":
-                        f.finished(self._final_sizes(effect_id, streams))
-                    continue
-                chunk = Chunk(str(header.get("stream")), int(header.get("offset", 0)), frames[2])
                 part, gap = f.accept(chunk)
                 if gap is not None:
                     f.gaps_filled += 1
