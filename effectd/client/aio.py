@@ -46,24 +46,17 @@ import zmq
 import zmq.asyncio
 
 from effectd.client import autostart
-from effectd.client.follow import FINISHED, Follower, parse_frame
+from effectd.client.follow import FINISHED, IDLE_CHECK, SUBSCRIBED_WAIT, Follower, parse_frame
 from effectd.client.records import Chunk, EffectRecord, OutputSlice
 from effectd.client.spec import python_spec, shell_spec, sleep_spec
+from effectd.client.sync import DEFAULT_RETRIES, DEFAULT_TIMEOUT, WAIT_SLICE
 from effectd.ipc import codec
 from effectd.ipc.endpoints import Endpoints, runtime_dir, state_dir, stream_hwm
 from effectd.ipc.errors import DaemonUnavailable, EffectdError, TooLarge, error_from_wire
-from effectd.ipc.schema import MAX_READ_BYTES, OUTPUT_STREAMS, EffectState, build_request
+from effectd.ipc.schema import EffectState, build_request
 
 log = logging.getLogger("effectd.client.aio")
 
-DEFAULT_TIMEOUT = 5.0
-DEFAULT_RETRIES = 2
-WAIT_SLICE = 30.0
-"""A wait without timeout is a loop of server-side waits this long (detects a dead daemon)."""
-STREAM_IDLE_CHECK = 1.0
-"""A stream that hears nothing this long checks the store (covers a dropped 'finished' event)."""
-SUBSCRIBED_WAIT = 2.0
-"""How long a new stream waits for the daemon's 'subscribed' event before reading the store."""
 PROBE_TIMEOUT = 0.5
 
 
@@ -449,15 +442,11 @@ class AsyncClient:
     async def _fill(self, effect_id: str, f: Follower, stream: str,
                     until: int | None) -> AsyncGenerator[Chunk, None]:
         """Read the store from f.expected[stream] up to ``until`` (None: to the current end)."""
-        while until is None or f.expected[stream] < until:
-            want = None if until is None else min(until - f.expected[stream], MAX_READ_BYTES)
-            piece = await self.read_output(effect_id, stream, f.expected[stream], want)
-            chunk = f.stored(stream, piece.offset, piece.data)
+        while (window := f.read_window(stream, until)) is not None:
+            chunk, more = f.apply_read(stream, until, await self.read_output(effect_id, stream, *window))
             if chunk is not None:
                 yield chunk
-            if not piece.data:
-                return
-            if until is None and piece.next_offset >= piece.size:
+            if not more:
                 return
 
     async def _final_sizes(self, effect_id: str, streams: Sequence[str]) -> dict[str, int]:
@@ -471,13 +460,10 @@ class AsyncClient:
         messages) are filled from the store, duplicates dropped. Exact by construction. The
         SUB socket is closed when the iteration ends, fails or is cancelled (use
         ``contextlib.aclosing`` when breaking out early to close it at once)."""
-        for name in streams:
-            if name not in OUTPUT_STREAMS:
-                raise ValueError(f"unknown stream {name!r}")
+        f = Follower.start(streams, from_offset)
         await self.connect()
         if self._closed:
             raise DaemonUnavailable("the client is closed")
-        f = Follower.start(streams, from_offset)
         sub = self.ctx.socket(zmq.SUB)
         self._subs.add(sub)
         # One receive is kept pending across idle checks: asyncio.wait never cancels it, so no
@@ -508,9 +494,9 @@ class AsyncClient:
                 # Check the store when nothing arrives, and also when only unrelated messages
                 # arrive (other subscribers' 'subscribed' events): a dropped 'finished' must not
                 # leave the stream waiting forever.
-                quiet = time.monotonic() - last_progress >= STREAM_IDLE_CHECK
+                quiet = time.monotonic() - last_progress >= IDLE_CHECK
                 if not quiet:
-                    await asyncio.wait((recv,), timeout=STREAM_IDLE_CHECK)
+                    await asyncio.wait((recv,), timeout=IDLE_CHECK)
                 if quiet or not recv.done():
                     last_progress = time.monotonic()
                     for name in streams:

@@ -13,11 +13,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from effectd.client.records import Chunk
+from effectd.client.records import Chunk, OutputSlice
 from effectd.ipc import codec
 from effectd.ipc.errors import EffectdError
+from effectd.ipc.schema import MAX_READ_BYTES, OUTPUT_STREAMS
 
 FINISHED: Literal["finished"] = "finished"
+SUBSCRIBED_WAIT = 2.0
+"""Seconds to wait for the daemon's 'subscribed' event before reading the store anyway."""
+IDLE_CHECK = 0.25
+"""A follower in which no stream advanced for this long checks the store (covers a dropped
+'finished' event, even while unrelated messages keep arriving)."""
 
 
 def parse_frame(frames: list[bytes]) -> Chunk | Literal["finished"] | None:
@@ -51,7 +57,24 @@ class Follower:
     @classmethod
     def start(cls, streams: Iterable[str], from_offset: int = 0) -> Follower:
         s = tuple(streams)
+        for name in s:
+            if name not in OUTPUT_STREAMS:
+                raise ValueError(f"unknown stream {name!r}")
         return cls(streams=s, expected={name: from_offset for name in s})
+
+    def read_window(self, stream: str, until: int | None) -> tuple[int, int | None] | None:
+        """The next store read ``(offset, max_bytes)`` towards ``until`` (None: the current end;
+        max_bytes None: the daemon's default), or None when ``until`` is reached."""
+        exp = self.expected[stream]
+        if until is not None and exp >= until:
+            return None
+        return exp, None if until is None else min(until - exp, MAX_READ_BYTES)
+
+    def apply_read(self, stream: str, until: int | None, piece: OutputSlice) -> tuple[Chunk | None, bool]:
+        """Apply one ``read_output`` reply: the part to deliver, and whether to read again."""
+        chunk = self.stored(stream, piece.offset, piece.data)
+        more = bool(piece.data) and not (until is None and piece.next_offset >= piece.size)
+        return chunk, more
 
     def accept(self, chunk: Chunk) -> tuple[Chunk | None, tuple[str, int, int] | None]:
         """Classify a live chunk. Returns (part to deliver now, gap to fill first as

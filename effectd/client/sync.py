@@ -13,20 +13,18 @@ import msgpack
 import zmq
 
 from effectd.client import autostart
-from effectd.client.follow import FINISHED, Follower, parse_frame
+from effectd.client.follow import FINISHED, IDLE_CHECK, SUBSCRIBED_WAIT, Follower, parse_frame
 from effectd.client.records import Chunk, EffectRecord, OutputSlice
 from effectd.client.spec import python_spec, shell_spec, sleep_spec
 from effectd.client.transport import ReqChannel
 from effectd.ipc.endpoints import Endpoints, runtime_dir, state_dir, stream_hwm
 from effectd.ipc.errors import DaemonUnavailable
-from effectd.ipc.schema import MAX_READ_BYTES, OUTPUT_STREAMS, EffectState, build_request
+from effectd.ipc.schema import EffectState, build_request
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_RETRIES = 2
 WAIT_SLICE = 30.0
 """A wait without timeout is a loop of server-side waits this long (detects a dead daemon)."""
-STREAM_IDLE_CHECK = 0.25
-"""A stream that hears nothing this long checks the store (covers a dropped 'finished' event)."""
 
 
 class Client:
@@ -216,15 +214,11 @@ class Client:
 
     def _fill(self, effect_id: str, f: Follower, stream: str, until: int | None) -> Iterator[Chunk]:
         """Read the store from f.expected[stream] up to ``until`` (None: to the current end)."""
-        while until is None or f.expected[stream] < until:
-            want = None if until is None else min(until - f.expected[stream], MAX_READ_BYTES)
-            piece = self.read_output(effect_id, stream, f.expected[stream], want)
-            chunk = f.stored(stream, piece.offset, piece.data)
+        while (window := f.read_window(stream, until)) is not None:
+            chunk, more = f.apply_read(stream, until, self.read_output(effect_id, stream, *window))
             if chunk is not None:
                 yield chunk
-            if not piece.data:
-                return
-            if until is None and piece.next_offset >= piece.size:
+            if not more:
                 return
 
     def stream(self, effect_id: str, from_offset: int = 0,
@@ -233,11 +227,8 @@ class Client:
 
         Subscribes first, replays what is stored, then continues live; gaps (dropped PUB
         messages) are filled from the store, duplicates dropped. Exact by construction."""
-        for name in streams:
-            if name not in OUTPUT_STREAMS:
-                raise ValueError(f"unknown stream {name!r}")
-        self.connect()
         f = Follower.start(streams, from_offset)
+        self.connect()
         sub: zmq.Socket[bytes] = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, stream_hwm())
@@ -246,8 +237,7 @@ class Client:
         try:
             # The daemon answers a subscription with a 'subscribed' event: from then on nothing
             # published is missed (and anything earlier is in the store).
-            if sub.poll(2000, zmq.POLLIN):
-                pass
+            sub.poll(int(SUBSCRIBED_WAIT * 1000), zmq.POLLIN)
             for name in streams:
                 yield from self._fill(effect_id, f, name, None)
             rec = self.status(effect_id)
@@ -262,8 +252,8 @@ class Client:
                 # Check the store when nothing arrives, and also when only unrelated messages
                 # arrive (other subscribers' 'subscribed' events) - a dropped 'finished' must
                 # not leave us waiting forever.
-                quiet = time.monotonic() - last_progress >= STREAM_IDLE_CHECK
-                if quiet or not sub.poll(int(STREAM_IDLE_CHECK * 1000), zmq.POLLIN):
+                quiet = time.monotonic() - last_progress >= IDLE_CHECK
+                if quiet or not sub.poll(int(IDLE_CHECK * 1000), zmq.POLLIN):
                     last_progress = time.monotonic()
                     for name in streams:
                         yield from self._fill(effect_id, f, name, None)
