@@ -140,3 +140,21 @@ def test_idle_workers_above_minimum_retire() -> None:
         ready_worker(s, wid).idle_since = 100.0
     clock[0] = 200.0
     assert len(s.idle_workers_to_retire(200.0, idle_timeout=60.0)) == 2
+
+
+def test_backoff_index_follows_the_retry_lifecycle() -> None:
+    # The loop sleeps until next_retry_at(); a started attempt must not keep it awake.
+    s = Scheduler(Limits(parallel=10), rng=random.Random(2))
+    w = ready_worker(s, "w1")
+    e = eff(retries=1, retry_backoff=1.0)
+    s.add(e)
+    assert s.next_retry_at() is None
+    s.start(e, w, 0.0)
+    s.conclude(e, EffectState.FAILED, 1.0)
+    assert s.next_retry_at() == e.not_before
+    s.start(e, w, 5.0)
+    assert s.next_retry_at() is None
+    restored = Effect.from_record({**e.to_record(), "state": "queued"})
+    s.effects[restored.id] = restored
+    s.reindex_backoffs()
+    assert s.next_retry_at() == e.not_before

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -183,6 +183,9 @@ class Scheduler:
         self.group_limits: dict[str, int] = dict(limits.group_limits)
         self.effects: dict[str, Effect] = {}
         self.workers: dict[str, Worker] = {}
+        # Queued effects waiting out a retry backoff, by id: the loop sleeps until the earliest
+        # without scanning every effect, and a started attempt no longer counts.
+        self._backoff: dict[str, float] = {}
         self._seq = 0
         self._rng = rng or random.Random()
 
@@ -192,6 +195,17 @@ class Scheduler:
         self._seq += 1
         eff.seq = self._seq
         self.effects[eff.id] = eff
+        if eff.state is EffectState.QUEUED and eff.not_before:
+            self._backoff[eff.id] = eff.not_before
+
+    def reindex_backoffs(self) -> None:
+        """Rebuild the backoff index after ``effects`` was edited directly (journal resync)."""
+        self._backoff = {e.id: e.not_before for e in self.effects.values()
+                         if e.state is EffectState.QUEUED and e.not_before}
+
+    def next_retry_at(self) -> float | None:
+        """Wall time at which the earliest backoff ends, if any effect waits one out."""
+        return min(self._backoff.values(), default=None)
 
     def queued(self) -> list[Effect]:
         return [e for e in self.effects.values() if e.state is EffectState.QUEUED]
@@ -297,6 +311,7 @@ class Scheduler:
         return max(0, min(want, self.limits.max_workers - len(live)))
 
     def start(self, eff: Effect, worker: Worker, now: float) -> None:
+        self._backoff.pop(eff.id, None)
         eff.transition(EffectState.RUNNING)
         eff.attempt += 1
         eff.worker = worker.id
@@ -342,11 +357,13 @@ class Scheduler:
                 eff.transition(EffectState.QUEUED)
             eff.reason = reason
             eff.worker = None
+            self._backoff[eff.id] = eff.not_before
             return False
         eff.transition(state)
         eff.reason = reason
         eff.finished_at = now
         del self.effects[eff.id]
+        self._backoff.pop(eff.id, None)
         return True
 
     # ---- workers --------------------------------------------------------------------------
@@ -378,6 +395,3 @@ class Scheduler:
             out[e.state.value] = out.get(e.state.value, 0) + 1
         return out
 
-
-def ids_unknown(ids: Iterable[str], known: Callable[[str], bool]) -> list[str]:
-    return [i for i in ids if not known(i)]

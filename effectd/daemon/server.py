@@ -37,9 +37,8 @@ from effectd.daemon.sdnotify import SystemdNotifier
 from effectd.daemon.worker import HEARTBEAT_LIVENESS
 from effectd.ipc import codec
 from effectd.ipc.endpoints import Endpoints, stream_hwm
-from effectd.ipc.errors import DiskFull, EffectdError, InternalError, Unavailable
+from effectd.ipc.errors import BadRequest, DiskFull, EffectdError, InternalError, Unavailable
 from effectd.ipc.schema import (
-    FINAL_STATES,
     OPS,
     WORKER_TO_DAEMON,
     EffectKind,
@@ -245,6 +244,7 @@ class Daemon:
                 restored = Effect.from_record(rec)
                 restored.seq = eff.seq
                 self.sched.effects[rec["id"]] = restored
+        self.sched.reindex_backoffs()
 
     # ---- control requests -----------------------------------------------------------------
 
@@ -257,10 +257,7 @@ class Daemon:
         request_id: Any = None
         try:
             if len(body_frames) != 1:
-                raise_bad = f"expected exactly one message frame, got {len(body_frames)}"
-                from effectd.ipc.errors import BadRequest
-
-                raise BadRequest(raise_bad)
+                raise BadRequest(f"expected exactly one message frame, got {len(body_frames)}")
             msg = codec.unpack(body_frames[0])
             request_id = request_id_of(msg)
             req = parse_request(msg)
@@ -617,9 +614,9 @@ class Daemon:
             timeout = min(timeout, max(0.0, self.handlers.next_deadline() - now))
         if self.pending_kills or self.draining:
             timeout = min(timeout, 0.05)
-        nb = [e.not_before - time.time() for e in self.sched.effects.values() if e.not_before]
-        if nb:
-            timeout = min(timeout, max(0.0, min(nb)))
+        retry_at = self.sched.next_retry_at()
+        if retry_at is not None:
+            timeout = min(timeout, max(0.0, retry_at - time.time()))
         interval = self.notifier.watchdog_interval
         if interval:
             timeout = min(timeout, interval / 2)
@@ -694,6 +691,3 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(addr[len("ipc://"):])
 
-
-def is_final(state: str) -> bool:
-    return EffectState(state) in FINAL_STATES

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -314,8 +314,6 @@ def check_effect_spec(spec: Any, where: str = "effect.") -> dict[str, Any]:
         for key in out["rlimits"]:
             if key not in RLIMIT_NAMES:
                 raise BadRequest(f"{where}rlimits.{key}: must be one of {', '.join(RLIMIT_NAMES)}")
-    if out["after"] and out["stdin_from"] and out["stdin_from"] in out["after"]:
-        pass  # allowed: waiting for completion and reading its output are compatible
     return {k: v for k, v in out.items() if v is not None and k in _EFFECT_FIELD_NAMES}
 
 
@@ -582,5 +580,3 @@ def check_running_report(report: Any) -> dict[str, Any]:
         raise BadRequest("running report must be a map")
     return check_fields(WORKER_EFFECT_REPORT, report)
 
-
-Validator = Callable[[Any], dict[str, Any]]
