@@ -362,8 +362,9 @@ class ShellRun(Run):
         """Did the effect leave processes behind? The worker is their subreaper, so any survivor
         is (below) a direct child of the worker carrying this effect's marker: checking those is
         far cheaper than scanning every process."""
+        known = self.sibling_pids()
         for pid in own_children():
-            if pid == self.pid or pid in self.sibling_pids():
+            if pid == self.pid or pid in known:
                 continue
             with contextlib.suppress(psutil.Error):
                 child = psutil.Process(pid)

@@ -104,6 +104,7 @@ class Daemon:
         self.crash_times: collections.deque[float] = collections.deque()
         self.spawn_not_before = 0.0
         self._last_hb_sent = 0.0
+        self._last_pool_check = 0.0
         self.endpoints = Endpoints.for_runtime(config.runtime_dir)
         self.journal: Journal
         self.outputs: OutputStore
@@ -532,6 +533,11 @@ class Daemon:
     def maintain_pool(self, now: float) -> None:
         if self.draining:
             return
+        # The RSS check reads /proc for every idle worker: once per half heartbeat is enough,
+        # not every loop turn. The other checks are integer comparisons.
+        check_rss = now - self._last_pool_check >= self.config.heartbeat / 2
+        if check_rss:
+            self._last_pool_check = now
         cfg = self.config
         for worker in self.sched.idle_workers_to_retire(now, cfg.worker_idle_timeout):
             self.retire(worker, "idle")
@@ -540,7 +546,7 @@ class Daemon:
                 continue
             if cfg.max_effects_per_worker and worker.effects_done >= cfg.max_effects_per_worker:
                 self.retire(worker, "max_effects_per_worker")
-            elif cfg.max_worker_rss and worker.pid and self.procs.rss(worker.pid) > cfg.max_worker_rss:
+            elif check_rss and cfg.max_worker_rss and worker.pid and self.procs.rss(worker.pid) > cfg.max_worker_rss:
                 self.retire(worker, "max_worker_rss")
 
     def retire(self, worker: Worker, why: str) -> None:
