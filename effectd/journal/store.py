@@ -19,7 +19,7 @@ import msgpack
 
 from effectd.ipc.errors import DiskFull
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS labels (
     PRIMARY KEY (effect_id, key)
 );
 CREATE INDEX IF NOT EXISTS labels_kv ON labels(key, value);
-CREATE TABLE IF NOT EXISTS request_keys (key TEXT PRIMARY KEY, ids BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS request_keys (key TEXT PRIMARY KEY, ids BLOB NOT NULL, created REAL);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     effect_id TEXT,
@@ -82,13 +82,30 @@ class Journal:
                     raise JournalCorrupt(f"quick_check reported: {row[0] if row else 'nothing'}")
             self._db.executescript(_SCHEMA)
             version = self.get_meta("schema_version")
-            if version is None:
+            if version == 1:
+                self._migrate_from_1()
+            elif version is None:
                 self.set_meta("schema_version", SCHEMA_VERSION)
             elif version != SCHEMA_VERSION:
                 raise JournalCorrupt(f"journal schema version {version}, this effectd knows {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             raise JournalCorrupt(str(exc)) from exc
         self.commit()
+
+    def _migrate_from_1(self) -> None:
+        """Version 2 keeps request keys past gc (with their creation time, for the key window)
+        and no longer stores the key inside ``record.spec`` (a record's spec is resubmittable)."""
+        self._write("ALTER TABLE request_keys ADD COLUMN created REAL")
+        # Unknown age: keep every existing key a full window from now.
+        self._write("UPDATE request_keys SET created = ?", (time.time(),))
+        rows = self._db.execute("SELECT id, record FROM effects").fetchall()
+        for eid, blob in rows:
+            rec = _unpack(blob)
+            spec = rec.get("spec")
+            if isinstance(spec, dict) and "request_key" in spec:
+                del spec["request_key"]
+                self._write("UPDATE effects SET record = ? WHERE id = ?", (_pack(rec), eid))
+        self.set_meta("schema_version", SCHEMA_VERSION)
 
     # ---- batching -------------------------------------------------------------------------
 
@@ -160,8 +177,18 @@ class Journal:
             (eid, event, time.time(), None if payload is None else _pack(payload)),
         )
 
-    def put_request_key(self, key: str, ids: list[str]) -> None:
-        self._write("INSERT INTO request_keys VALUES (?, ?)", (key, _pack(ids)))
+    def put_request_key(self, key: str, ids: list[str], created: float | None = None) -> None:
+        self._write("INSERT INTO request_keys (key, ids, created) VALUES (?, ?, ?)",
+                    (key, _pack(ids), time.time() if created is None else created))
+
+    def prune_request_keys(self, older_than: float) -> int:
+        """Forget request keys created before ``older_than`` (wall time); returns how many."""
+        self._begin()
+        try:
+            cur = self._db.execute("DELETE FROM request_keys WHERE created < ?", (older_than,))
+        except sqlite3.OperationalError as exc:
+            raise DiskFull(f"journal write failed: {exc}") from exc
+        return cur.rowcount
 
     def append_event(self, effect_id: str | None, event: str, payload: Any = None) -> None:
         self._write(
@@ -172,9 +199,8 @@ class Journal:
     def set_meta(self, key: str, value: Any) -> None:
         self._write("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, _pack(value)))
 
-    def delete_effects(self, ids: list[str], request_keys: Iterable[str] = ()) -> None:
-        for key in request_keys:
-            self._write("DELETE FROM request_keys WHERE key = ?", (key,))
+    def delete_effects(self, ids: list[str]) -> None:
+        """Delete final effects; their request keys stay (see ``prune_request_keys``)."""
         for eid in ids:
             self._write("DELETE FROM effects WHERE id = ?", (eid,))
             self._write("DELETE FROM labels WHERE effect_id = ?", (eid,))

@@ -1,0 +1,69 @@
+"""What a crash, a gc or a lost journal may not do: run acknowledged work twice, drop it, or
+misreport its times (issue 13 items 4, 5, 7; issue 14 item 4). Real daemons, real workers,
+real ``kill -9``; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from effectd.client import EffectState
+from effectd.daemon.retention import MIN_KEY_WINDOW_DAYS, Retention
+from effectd.ipc.errors import EffectdError
+from effectd.journal import Journal, OutputStore
+from tests.conftest import wait_until
+
+# ---- 13.5 idempotency keys outlive gc ----------------------------------------------------------
+
+TRUE = {"kind": "shell", "command": "true"}
+
+
+def test_resubmit_with_key_after_gc_is_refused_not_rerun(daemon: Any) -> None:
+    c = daemon.client()
+    first = c.submit(TRUE, request_key="key-after-gc")
+    assert c.wait(first, timeout=20).state is EffectState.SUCCEEDED
+    batch = c.submit_many([TRUE] * 2, request_key="batch-after-gc")
+    c.wait_many(batch, timeout=20)
+    # Inside the window and before gc, a resend returns the original ids.
+    assert c.submit(TRUE, request_key="key-after-gc") == first
+    assert c.gc(retain_count=0)["removed"] == 3
+    for key, resend in (("key-after-gc", lambda k: c.submit(TRUE, request_key=k)),
+                        ("batch-after-gc", lambda k: c.submit_many([TRUE], request_key=k))):
+        with pytest.raises(EffectdError) as exc:
+            resend(key)
+        assert exc.value.code == "gone", exc.value
+        assert f"request_key {key} was used for effects that have been garbage-collected" in exc.value.message
+    assert c.list(limit=10) == []  # no second run
+
+
+def test_record_spec_has_no_request_key_and_resubmits_verbatim(daemon: Any) -> None:
+    c = daemon.client()
+    eid = c.submit({"kind": "shell", "command": "echo hi"}, request_key="spec-key")
+    rec = c.wait(eid, timeout=20)
+    full = c.status(eid)
+    assert "request_key" not in full.spec and "request_key" not in rec.spec
+    again = c.submit(full.spec)  # the stored spec is a valid submit as it stands
+    assert c.wait(again, timeout=20).state is EffectState.SUCCEEDED
+    assert c.output(again) == b"hi\n"
+
+
+def test_request_keys_are_pruned_only_after_the_window(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        retention = Retention(journal, OutputStore(tmp_path / "outputs"), retain_days=1.0)
+        day = 86400.0
+        now = time.time()
+        journal.put_request_key("fresh", ["A"], created=now - (MIN_KEY_WINDOW_DAYS - 1) * day)
+        journal.put_request_key("stale", ["B"], created=now - (MIN_KEY_WINDOW_DAYS + 1) * day)
+        journal.commit()
+        retention.collect()
+        journal.commit()
+        assert journal.ids_for_request_key("fresh") == ["A"]
+        assert journal.ids_for_request_key("stale") is None
+        assert Retention(journal, OutputStore(tmp_path / "outputs"), retain_days=30.0).key_window_days == 30.0
+    finally:
+        journal.close()
