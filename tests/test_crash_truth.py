@@ -67,3 +67,30 @@ def test_request_keys_are_pruned_only_after_the_window(tmp_path: Path) -> None:
         assert Retention(journal, OutputStore(tmp_path / "outputs"), retain_days=30.0).key_window_days == 30.0
     finally:
         journal.close()
+
+
+# ---- 13.7 times tell the truth -----------------------------------------------------------------
+
+GAP = 3.0
+"""Seconds with no daemon after the effect ended: the scenario itself, not a synchronisation."""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_effect_finished_while_daemon_down_keeps_its_own_times(daemon_factory: Any) -> None:
+    d = daemon_factory("--adopt-grace", "20")
+    c = d.client()
+    eid = c.submit_shell("sleep 1")
+    wait_until(lambda: c.status(eid).pid, what="started record")  # the worker's start is journaled
+    d.kill9()
+    # The effect ends by itself while no daemon runs: its process disappears.
+    wait_until(lambda: not d.effect_processes({eid}), what="effect process gone")
+    time.sleep(GAP)
+    restarted = time.time()
+    d.start()
+    rec = d.client().wait(eid, timeout=30)
+    assert rec.state is EffectState.SUCCEEDED, (rec.state, rec.reason)
+    assert rec.started_at is not None and rec.finished_at is not None
+    assert 0.9 <= rec.finished_at - rec.started_at < 1.0 + GAP / 2, rec.finished_at - rec.started_at
+    assert rec.finished_at < restarted
+    assert rec.attempts == [] or rec.attempts[-1]["finished_at"] == rec.finished_at

@@ -334,13 +334,16 @@ class Scheduler:
             worker.effects_done += 1
 
     def conclude(self, eff: Effect, state: EffectState, now: float, *, reason: str | None = None,
-                 fields: dict[str, Any] | None = None) -> bool:
+                 fields: dict[str, Any] | None = None, finished_at: float | None = None) -> bool:
         """End the current attempt. Returns True if the effect is now final, False if it was
-        re-queued for a retry (with exponential backoff and jitter)."""
+        re-queued for a retry (with exponential backoff and jitter). ``finished_at`` is when the
+        attempt really ended (the worker's clock, which may be long before ``now`` if it ended
+        while no daemon ran); the retry backoff counts from ``now``."""
         fields = fields or {}
+        ended = now if finished_at is None else finished_at
         self.release(eff, now)
         attempt_record = {"attempt": eff.attempt, "state": state.value, "reason": reason,
-                          "started_at": eff.started_at, "finished_at": now,
+                          "started_at": eff.started_at, "finished_at": ended,
                           "exit_code": fields.get("exit_code"), "signal": fields.get("signal")}
         if eff.attempt:
             eff.attempts.append(attempt_record)
@@ -361,7 +364,7 @@ class Scheduler:
             return False
         eff.transition(state)
         eff.reason = reason
-        eff.finished_at = now
+        eff.finished_at = ended
         del self.effects[eff.id]
         self._backoff.pop(eff.id, None)
         return True

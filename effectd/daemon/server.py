@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import os
 import signal
 import time
@@ -64,6 +65,16 @@ CRASH_WINDOW = 60.0
 CRASH_LOOP_THRESHOLD = 3
 SHUTDOWN_OVERRUN = 15.0
 """Seconds past drain + kill grace after which shutdown stops without concluding everything."""
+
+
+def reported_time(value: Any, not_before: float) -> float | None:
+    """A wall time a worker reported, if it is plausible: finite, not before ``not_before`` and
+    not in the future (same machine, same clock; anything else is a bug or garbage)."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    if value < not_before or value > time.time() + 1.0:
+        return None
+    return float(value)
 
 
 @dataclass
@@ -286,8 +297,9 @@ class Daemon:
     # ---- effects --------------------------------------------------------------------------
 
     def conclude(self, eff: Effect, state: EffectState, *, reason: str | None = None,
-                 fields: dict[str, Any] | None = None) -> None:
-        final = self.sched.conclude(eff, state, time.time(), reason=reason, fields=fields)
+                 fields: dict[str, Any] | None = None, finished_at: float | None = None) -> None:
+        final = self.sched.conclude(eff, state, time.time(), reason=reason, fields=fields,
+                                    finished_at=finished_at)
         self.adopting.pop(eff.id, None)
         if final:
             self.journal.put_effect(eff.to_record(), "finished")
@@ -347,8 +359,7 @@ class Daemon:
             eff = self.sched.effects.get(msg["id"])
             if eff is not None and eff.attempt == msg["attempt"] and eff.state is EffectState.RUNNING:
                 eff.pid, eff.create_time = msg.get("pid"), msg.get("create_time")
-                if msg.get("started_at"):
-                    eff.started_at = msg["started_at"]
+                eff.started_at = reported_time(msg.get("started_at"), eff.submitted_at) or eff.started_at
                 self.journal.put_effect(eff.to_record(), "started", {"pid": eff.pid})
         elif kind == "finished":
             self.effect_finished(wid, msg)
@@ -394,6 +405,7 @@ class Daemon:
                     eff.worker = wid
                     eff.pid = rep.get("pid") or eff.pid
                     eff.create_time = rep.get("create_time") or eff.create_time
+                    eff.started_at = reported_time(rep.get("started_at"), eff.submitted_at) or eff.started_at
                     self.journal.put_effect(eff.to_record(), "adopted", {"worker": wid})
                 worker.effects.add(eff.id)
                 if eff.kind is EffectKind.PYTHON:
@@ -417,7 +429,11 @@ class Daemon:
             fields["sizes"] = rep.get("sizes") or {}
             fields["truncated"] = rep.get("truncated") or {}
             self.pending_kills.pop(eff.id, None)
-            self.conclude(eff, state, reason=reason, fields=fields)
+            # The worker's own clock says when it ran: a report delivered after a daemon restart
+            # must not stretch the effect to the time of re-adoption.
+            eff.started_at = reported_time(rep.get("started_at"), eff.submitted_at) or eff.started_at
+            self.conclude(eff, state, reason=reason, fields=fields,
+                          finished_at=reported_time(rep.get("finished_at"), eff.started_at or eff.submitted_at))
         # Duplicates and late reports never change a final state; always acknowledge them so the
         # worker forgets the report.
         self.to_worker(wid, {"t": "ack", "id": rep["id"], "attempt": rep["attempt"]})
