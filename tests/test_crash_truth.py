@@ -5,6 +5,8 @@ real ``kill -9``; nothing is mocked.
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from effectd.client import EffectState
 from effectd.daemon.retention import MIN_KEY_WINDOW_DAYS, Retention
 from effectd.ipc.errors import EffectdError
 from effectd.journal import Journal, OutputStore
+from effectd.journal.store import JOURNAL_SUFFIXES
 from tests.conftest import wait_until
 
 # ---- 13.5 idempotency keys outlive gc ----------------------------------------------------------
@@ -94,3 +97,60 @@ def test_effect_finished_while_daemon_down_keeps_its_own_times(daemon_factory: A
     assert 0.9 <= rec.finished_at - rec.started_at < 1.0 + GAP / 2, rec.finished_at - rec.started_at
     assert rec.finished_at < restarted
     assert rec.attempts == [] or rec.attempts[-1]["finished_at"] == rec.finished_at
+
+
+# ---- 14.4 a deleted or replaced journal --------------------------------------------------------
+
+
+def _delete_journal(state: Path) -> None:
+    for suffix in JOURNAL_SUFFIXES:
+        (state / f"journal.sqlite3{suffix}").unlink()
+
+
+def _replace_journal(state: Path) -> None:
+    """What restoring a backup by rename looks like: a consistent copy renamed over the file."""
+    path = state / "journal.sqlite3"
+    copy = state / "restored.sqlite3"
+    src, dst = sqlite3.connect(path), sqlite3.connect(copy)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+    os.rename(copy, path)
+
+
+@pytest.mark.parametrize("damage", [_delete_journal, _replace_journal], ids=["deleted", "replaced"])
+def test_lost_journal_stops_acknowledgements_and_exits_nonzero(daemon_factory: Any, damage: Any) -> None:
+    d = daemon_factory()
+    c = d.client(timeout=1.0, retries=0)
+    before = c.submit_shell("true")
+    c.wait(before, timeout=20)
+    damage(d.state)
+    acked, refused = [], []
+    assert d.proc is not None
+    for _ in range(10):
+        if d.proc.poll() is not None:
+            break
+        try:
+            acked.append(c.submit_shell("true"))
+        except EffectdError as exc:
+            refused.append(exc.code)
+    assert d.proc.wait(20) == 74, d.log()
+    assert refused[0] == "journal_lost", (refused, d.log())
+    d.start()  # what systemd's Restart=on-failure does
+    c2 = d.client()
+    missing = [eid for eid in acked if eid not in d.effect_ids()]
+    assert not missing, f"{len(missing)}/{len(acked)} acknowledged submits lost after the restart"
+    if damage is _replace_journal:  # the restored journal is the one in use now
+        assert c2.status(before).state is EffectState.SUCCEEDED
+    assert c2.wait(c2.submit_shell("true"), timeout=20).state is EffectState.SUCCEEDED
+
+
+def test_systemd_units_restart_on_the_journal_lost_exit_status() -> None:
+    for unit in ("effectd.service", "effectd@.service"):
+        text = (Path(__file__).resolve().parent.parent / "systemd" / unit).read_text()
+        settings = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+        assert settings.get("Restart") in ("on-failure", "always"), unit
+        for key in ("RestartPreventExitStatus", "SuccessExitStatus"):
+            assert "74" not in settings.get(key, "").split(), (unit, key)

@@ -38,7 +38,7 @@ from effectd.daemon.sdnotify import SystemdNotifier
 from effectd.daemon.worker import HEARTBEAT_LIVENESS
 from effectd.ipc import codec
 from effectd.ipc.endpoints import Endpoints, stream_hwm
-from effectd.ipc.errors import BadRequest, DiskFull, EffectdError, InternalError, Unavailable
+from effectd.ipc.errors import BadRequest, DiskFull, EffectdError, InternalError, JournalLost, Unavailable
 from effectd.ipc.schema import (
     OPS,
     WORKER_TO_DAEMON,
@@ -65,6 +65,9 @@ CRASH_WINDOW = 60.0
 CRASH_LOOP_THRESHOLD = 3
 SHUTDOWN_OVERRUN = 15.0
 """Seconds past drain + kill grace after which shutdown stops without concluding everything."""
+EXIT_JOURNAL_LOST = 74
+"""EX_IOERR: the journal was deleted or replaced under us. Non-zero, so systemd's
+``Restart=on-failure`` starts a new daemon on whatever journal is at the path now."""
 
 
 def reported_time(value: Any, not_before: float) -> float | None:
@@ -114,6 +117,8 @@ class Daemon:
         self.worker_failures = 0
         self.crash_times: collections.deque[float] = collections.deque()
         self.spawn_not_before = 0.0
+        self.journal_lost: JournalLost | None = None
+        self.exit_code = 0
         self._last_hb_sent = 0.0
         self._last_pool_check = 0.0
         self.endpoints = Endpoints.for_runtime(config.runtime_dir)
@@ -220,6 +225,8 @@ class Daemon:
             log.error("journal commit failed, refusing this batch: %s", exc)
             self._after_failed_commit(exc)
             self.final_markers = []
+        except JournalLost as exc:
+            self.lose_journal(exc)
         for eid in self.final_markers:  # only once the final state is durable
             with contextlib.suppress(OSError):
                 self.outputs.mark_final(eid)
@@ -232,7 +239,18 @@ class Daemon:
                 # A client that went away (EHOSTUNREACH) or a full link: never let it stop us.
                 log.debug("send dropped: %s", exc)
 
-    def _after_failed_commit(self, exc: DiskFull) -> None:
+    def lose_journal(self, exc: JournalLost) -> None:
+        """Stop acknowledging anything and exit non-zero: whatever we commit now goes to a file no
+        restart will read. Workers are left running (as after a crash) for the next daemon."""
+        log.critical("%s; refusing this batch and exiting (status %d) so that a new daemon starts on the "
+                     "journal now at that path", exc, EXIT_JOURNAL_LOST)
+        self._after_failed_commit(exc)
+        self.final_markers = []
+        self.journal_lost = exc
+        self.exit_code = EXIT_JOURNAL_LOST
+        self.stop_requested = True
+
+    def _after_failed_commit(self, exc: Unavailable) -> None:
         kept: list[tuple[zmq.Socket[bytes], list[bytes], bool]] = []
         for sock, frames, durable in self.outbox:
             if not durable:
@@ -275,6 +293,9 @@ class Daemon:
             req = parse_request(msg)
         except EffectdError as exc:
             self.reply_error(ident, request_id, exc)
+            return
+        if self.journal_lost is not None and OPS[req.op].mutating:
+            self.reply_error(ident, req.id, self.journal_lost)
             return
         # A savepoint per request: a request that fails half-way undoes only its own writes,
         # never those of other requests in the same batch whose replies are already queued.
@@ -700,14 +721,18 @@ class Daemon:
                              Unavailable("the daemon stopped while this wait was parked; wait again"))
         self.waiters = []
         self.flush()
-        self.procs.wait_all(timeout=5.0)
-        for pid in self.procs.adopted_pids.values():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        if self.journal_lost is None:
+            self.procs.wait_all(timeout=5.0)
+            for pid in self.procs.adopted_pids.values():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
         for sock in (self.control, self.workers_sock, self.stream, self.publish):
             sock.close()
         self.ctx.term()
-        self.journal.close()
+        if self.journal_lost is None:
+            # Not after a lost journal: SQLite's close would checkpoint and then delete the
+            # -wal/-shm files *by name*, i.e. those of a journal restored at that path.
+            self.journal.close()
         for addr in (self.endpoints.control, self.endpoints.stream, self.endpoints.workers,
                      self.endpoints.publish):
             with contextlib.suppress(FileNotFoundError):

@@ -17,9 +17,11 @@ from typing import Any
 
 import msgpack
 
-from effectd.ipc.errors import DiskFull
+from effectd.ipc.errors import DiskFull, JournalLost
 
 SCHEMA_VERSION = 2
+JOURNAL_SUFFIXES = ("", "-wal", "-shm")
+"""The database file and the WAL and shared-memory files SQLite keeps beside it."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
@@ -69,8 +71,11 @@ class Journal:
         self._in_batch = False
         self.commits = 0
         existed = path.exists()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
+        # Kept open for the connection's whole life (closing any descriptor of the database
+        # would drop SQLite's POSIX locks): its fstat is the file we really write, compared
+        # with what is at ``path`` before and after every commit (check_intact).
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._identity: dict[str, tuple[int, int]] = {}
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -89,8 +94,12 @@ class Journal:
             elif version != SCHEMA_VERSION:
                 raise JournalCorrupt(f"journal schema version {version}, this effectd knows {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
+            os.close(self._fd)
             raise JournalCorrupt(str(exc)) from exc
+        st = os.fstat(self._fd)
+        self._identity[""] = (st.st_dev, st.st_ino)
         self.commit()
+        self.check_intact()  # also records the WAL and shared-memory files SQLite opened
 
     def _migrate_from_1(self) -> None:
         """Version 2 keeps request keys past gc (with their creation time, for the key window)
@@ -119,9 +128,16 @@ class Journal:
         return self._in_batch
 
     def commit(self) -> None:
-        """Make the current batch durable. On failure the batch is rolled back and DiskFull raised."""
+        """Make the current batch durable. On failure the batch is rolled back and DiskFull raised;
+        JournalLost if the journal's files were deleted or replaced (checked before the commit,
+        so nothing is written to a file nobody will read, and after it, for a race with it)."""
         if not self._in_batch:
             return
+        try:
+            self.check_intact()
+        except JournalLost:
+            self.rollback()
+            raise
         try:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -129,6 +145,25 @@ class Journal:
             raise DiskFull(f"journal commit failed: {exc}") from exc
         self._in_batch = False
         self.commits += 1
+        self.check_intact()
+
+    def check_intact(self) -> None:
+        """Raise JournalLost unless the database, WAL and shared-memory files at the journal's
+        path are still the ones this connection writes. A deleted (or renamed-over) journal
+        keeps accepting commits into an unlinked inode that no restart will ever read."""
+        if os.fstat(self._fd).st_nlink == 0:
+            raise JournalLost(f"the journal {self.path} was deleted while the daemon ran")
+        for suffix in JOURNAL_SUFFIXES:
+            name = f"{self.path}{suffix}"
+            try:
+                st = os.stat(name)
+            except FileNotFoundError:
+                if suffix in self._identity:
+                    raise JournalLost(f"the journal file {name} was deleted while the daemon ran") from None
+                continue  # SQLite has not created it yet
+            known = self._identity.setdefault(suffix, (st.st_dev, st.st_ino))
+            if known != (st.st_dev, st.st_ino):
+                raise JournalLost(f"the journal file {name} was replaced while the daemon ran")
 
     def savepoint(self) -> None:
         """Mark the start of one request's writes inside the batch."""
@@ -262,3 +297,4 @@ class Journal:
         with contextlib.suppress(sqlite3.Error):
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.close()
+        os.close(self._fd)
