@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 
 from effectd.client import EffectState
+from effectd.daemon.core import NEVER_STARTED, Effect, Limits, Scheduler, Worker, WorkerState
 from effectd.daemon.retention import MIN_KEY_WINDOW_DAYS, Retention
 from effectd.ipc.errors import EffectdError
 from effectd.journal import Journal, OutputStore
+from effectd.journal.outputs import claim_attempt
 from effectd.journal.store import JOURNAL_SUFFIXES
 from tests.conftest import wait_until
 
@@ -154,3 +156,87 @@ def test_systemd_units_restart_on_the_journal_lost_exit_status() -> None:
         assert settings.get("Restart") in ("on-failure", "always"), unit
         for key in ("RestartPreventExitStatus", "SuccessExitStatus"):
             assert "74" not in settings.get(key, "").split(), (unit, key)
+
+
+# ---- 13.4 effects that never started are not lost by a crash -----------------------------------
+
+UNSTARTED_COUNT = 20
+
+
+def _runs(runs: Path, eid: str) -> int:
+    try:
+        return len((runs / eid).read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_assigned_but_never_started_effects_run_exactly_once_after_a_crash(daemon_factory: Any,
+                                                                           tmp_path: Path) -> None:
+    """The worker is SIGSTOPped, so assignments journaled just before the kill -9 sit unread in
+    its socket; after the restart they must run once (not end ``lost``), and when the old worker
+    wakes up and reads those stale assignments it must not run them a second time. An effect
+    that had started is ``lost`` and never re-run."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    count = f"echo run >> {runs}/$EFFECTD_EFFECT_ID"
+    # Heartbeat 5 s: the daemon would call the stopped worker lost only after 15 s.
+    d = daemon_factory("--heartbeat", "5", "--adopt-grace", "1", "--kill-grace", "1", "--parallel", "64")
+    c = d.client()
+    started = c.submit_shell(f"{count}; exec sleep 60")
+    wait_until(lambda: c.status(started).pid and _runs(runs, started), what="started effect journaled")
+    (old_worker,) = d.worker_processes()
+    old_worker.suspend()
+    try:
+        ids = c.submit_many([{"kind": "shell", "command": count}] * UNSTARTED_COUNT)
+        wait_until(lambda: all(r.state is EffectState.RUNNING for r in c.status_many(ids)), what="assigned")
+        d.kill9()
+        d.start()
+        c2 = d.client()
+        records = c2.wait_many(ids, timeout=30)
+        lost = [r for r in records if r.state is not EffectState.SUCCEEDED]
+        assert not lost, f"{len(lost)}/{len(ids)} never-started effects not run: {lost[0].state} {lost[0].reason}"
+        rec = c2.wait(started, timeout=30)
+        assert (rec.state, rec.reason) == (EffectState.LOST, "daemon_crashed")
+    finally:
+        old_worker.resume()
+    # The old worker reads the stale assignments, then re-registers with the new daemon.
+    wait_until(lambda: any(w["pid"] == old_worker.pid for w in c2.hello()["workers"]), timeout=30,
+               what="old worker back")
+    assert {eid: _runs(runs, eid) for eid in ids} == {eid: 1 for eid in ids}
+    assert _runs(runs, started) == 1
+    # It did read them (so the race was really run), and refused each one.
+    log = d.log_path.read_text(errors="replace")
+    assert sum(f"refusing assignment of {eid}" in log for eid in ids) == UNSTARTED_COUNT
+    assert all(r.attempt == 2 and r.attempts[0]["reason"] == "never_started" for r in c2.status_many(ids))
+
+
+def test_a_voided_attempt_does_not_use_up_a_retry() -> None:
+    sched = Scheduler(Limits())
+    eff = Effect(id="0" * 26, spec={"kind": "shell", "command": "true", "retries": 1}, submitted_at=0.0)
+    worker = Worker(id="w", state=WorkerState.READY)
+    sched.add(eff)
+    sched.add_worker(worker)
+    sched.start(eff, worker, 1.0)
+    sched.requeue_unstarted(eff, 2.0)
+    assert (eff.state, eff.attempt, eff.attempts[0]["reason"]) == (EffectState.QUEUED, 1, NEVER_STARTED)
+    sched.start(eff, worker, 3.0)
+    assert eff.attempt == 2
+    assert sched.conclude(eff, EffectState.FAILED, 4.0) is False  # its one retry is still there
+    sched.start(eff, worker, 5.0)
+    assert sched.conclude(eff, EffectState.FAILED, 6.0) is True
+
+
+def test_claim_fence_admits_exactly_one_of_worker_and_daemon(tmp_path: Path) -> None:
+    store = OutputStore(tmp_path)
+    store.prepare("A")
+    claim_attempt(tmp_path / "A", 1, "w-1 123")
+    assert store.void_attempt("A", 1) is False  # the worker was first: it may have started
+    assert store.void_attempt("A", 2) is True
+    assert store.void_attempt("A", 2) is True  # an earlier daemon's void is recognised
+    with pytest.raises(FileExistsError):
+        claim_attempt(tmp_path / "A", 2, "w-1 123")  # a stale assignment of a voided attempt
+    with pytest.raises(FileNotFoundError):
+        claim_attempt(tmp_path / "collected", 1, "w-1 123")  # never recreates a collected effect
+    assert sorted(p.name for p in (tmp_path / "A").iterdir()) == [".claim-1", ".claim-2"]

@@ -28,10 +28,10 @@ from typing import Any
 import zmq
 
 from effectd.daemon.config import DaemonConfig
-from effectd.daemon.core import Effect, Limits, Scheduler, Worker, WorkerState
+from effectd.daemon.core import NEVER_STARTED, Effect, Limits, Scheduler, Worker, WorkerState
 from effectd.daemon.ids import UlidGenerator
 from effectd.daemon.pool import WorkerProcesses
-from effectd.daemon.proctree import ProcessIdentity, TreeKill
+from effectd.daemon.proctree import ProcessIdentity, TreeKill, effect_processes
 from effectd.daemon.requests import RequestHandlers, Waiter
 from effectd.daemon.retention import Retention
 from effectd.daemon.sdnotify import SystemdNotifier
@@ -344,6 +344,22 @@ class Daemon:
             elif eff.worker:
                 self.to_worker(eff.worker, {"t": "cancel", "id": eff.id, "reason": reason}, durable=False)
 
+    def unclaimed_after_crash(self, eff: Effect) -> None:
+        """No worker claimed a recovered running effect within the adopt grace. At most once:
+        only an attempt with no evidence of ever starting (no journaled start, its claim file
+        voided by us before any worker made it, no process carrying its marker) runs again;
+        anything that may have started is killed and concluded lost."""
+        never_started = (eff.pid is None and self.outputs.void_attempt(eff.id, eff.attempt)
+                         and not effect_processes(eff.id))
+        if never_started:
+            log.info("effect %s attempt %d never started before the crash: queued again", eff.id, eff.attempt)
+            attempt = eff.attempt
+            self.sched.requeue_unstarted(eff, time.time())
+            self.journal.put_effect(eff.to_record(), "requeued", {"attempt": attempt, "reason": NEVER_STARTED})
+            return
+        log.warning("effect %s was not re-adopted within %.0fs", eff.id, self.config.adopt_grace)
+        self.kill_then_conclude(eff, EffectState.LOST, "daemon_crashed")
+
     def kill_then_conclude(self, eff: Effect, state: EffectState, reason: str) -> None:
         """For effects no live worker supervises: kill their tree here, conclude when it is gone."""
         if eff.id in self.pending_kills:
@@ -379,6 +395,10 @@ class Daemon:
         elif kind == "started":
             eff = self.sched.effects.get(msg["id"])
             if eff is not None and eff.attempt == msg["attempt"] and eff.state is EffectState.RUNNING:
+                if eff.id in self.adopting and eff.id not in self.pending_kills:
+                    # An assignment of the previous daemon that this worker read only now: it
+                    # claims the effect, which is as good as re-adoption.
+                    self.claimed_by(eff, worker)
                 eff.pid, eff.create_time = msg.get("pid"), msg.get("create_time")
                 eff.started_at = reported_time(msg.get("started_at"), eff.submitted_at) or eff.started_at
                 self.journal.put_effect(eff.to_record(), "started", {"pid": eff.pid})
@@ -421,21 +441,29 @@ class Daemon:
             if (eff is not None and eff.state is EffectState.RUNNING and eff.attempt == rep["attempt"]
                     and eff.id not in self.pending_kills):
                 if eff.id in self.adopting or eff.worker != wid:
-                    log.info("re-adopted effect %s on worker %s", eff.id, wid)
-                    self.adopting.pop(eff.id, None)
-                    eff.worker = wid
                     eff.pid = rep.get("pid") or eff.pid
                     eff.create_time = rep.get("create_time") or eff.create_time
                     eff.started_at = reported_time(rep.get("started_at"), eff.submitted_at) or eff.started_at
-                    self.journal.put_effect(eff.to_record(), "adopted", {"worker": wid})
-                worker.effects.add(eff.id)
-                if eff.kind is EffectKind.PYTHON:
-                    worker.python_effect = eff.id
+                    self.claimed_by(eff, worker)
+                else:
+                    worker.effects.add(eff.id)
+                    if eff.kind is EffectKind.PYTHON:
+                        worker.python_effect = eff.id
             else:
                 # Not ours to run (already final, or unknown to this journal): stop it.
                 self.to_worker(wid, {"t": "cancel", "id": rep["id"], "reason": "not_adopted"}, durable=False)
         self.queue_send(self.workers_sock, [wid.encode(), codec.pack({"t": "welcome", "instance": self.instance})],
                         durable=False)
+
+    def claimed_by(self, eff: Effect, worker: Worker) -> None:
+        """Re-adopt a recovered effect on the worker that reports running it."""
+        log.info("re-adopted effect %s on worker %s", eff.id, worker.id)
+        self.adopting.pop(eff.id, None)
+        eff.worker = worker.id
+        worker.effects.add(eff.id)
+        if eff.kind is EffectKind.PYTHON:
+            worker.python_effect = eff.id
+        self.journal.put_effect(eff.to_record(), "adopted", {"worker": worker.id})
 
     def effect_finished(self, wid: str, rep: dict[str, Any]) -> None:
         eff = self.sched.effects.get(rep["id"])
@@ -519,8 +547,7 @@ class Daemon:
             if now >= deadline:
                 eff = self.sched.effects.get(eid)
                 if eff is not None:
-                    log.warning("effect %s was not re-adopted within %.0fs", eid, self.config.adopt_grace)
-                    self.kill_then_conclude(eff, EffectState.LOST, "daemon_crashed")
+                    self.unclaimed_after_crash(eff)
                 self.adopting.pop(eid, None)
         for eid, pk in list(self.pending_kills.items()):
             if pk.kill.poll(now):
@@ -558,6 +585,8 @@ class Daemon:
         for eff in dep_failed:
             self.conclude(eff, EffectState.CANCELLED, reason="dependency_failed")
         for eff, worker in assignments:
+            with contextlib.suppress(OSError):  # if it fails, the worker reports spawn_failed
+                self.outputs.prepare(eff.id)
             self.sched.start(eff, worker, wall)
             self.journal.put_effect(eff.to_record(), "running", {"worker": worker.id, "attempt": eff.attempt})
             self.to_worker(worker.id, {"t": "assign", "id": eff.id, "attempt": eff.attempt, "spec": eff.spec})
