@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from effectd.client import EffectState
@@ -70,6 +71,31 @@ def test_request_keys_are_pruned_only_after_the_window(tmp_path: Path) -> None:
         assert journal.ids_for_request_key("fresh") == ["A"]
         assert journal.ids_for_request_key("stale") is None
         assert Retention(journal, OutputStore(tmp_path / "outputs"), retain_days=30.0).key_window_days == 30.0
+    finally:
+        journal.close()
+
+
+def test_v1_journal_is_migrated_keys_kept_and_specs_cleaned(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    Journal(path).close()
+    # Make it what effectd wrote before schema 2: no key creation time, the key inside the spec.
+    record = {"id": "A" * 26, "state": "succeeded", "submitted_at": 1.0,
+              "spec": {"kind": "shell", "command": "true", "request_key": "old-key"}}
+    con = sqlite3.connect(path)
+    with con:
+        con.execute("ALTER TABLE request_keys DROP COLUMN created")
+        con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (msgpack.packb(1),))
+        con.execute("INSERT INTO request_keys VALUES (?, ?)", ("old-key", msgpack.packb(["A" * 26])))
+        con.execute("INSERT INTO effects (id, state, submitted_at, record) VALUES (?, ?, ?, ?)",
+                    ("A" * 26, "succeeded", 1.0, msgpack.packb(record)))
+    con.close()
+    journal = Journal(path)
+    try:
+        assert journal.get_meta("schema_version") == 2
+        assert journal.ids_for_request_key("old-key") == ["A" * 26]
+        assert journal.get("A" * 26)["spec"] == {"kind": "shell", "command": "true"}  # type: ignore[index]
+        journal.prune_request_keys(time.time() - MIN_KEY_WINDOW_DAYS * 86400)
+        assert journal.ids_for_request_key("old-key") == ["A" * 26]  # a full window from the upgrade
     finally:
         journal.close()
 
