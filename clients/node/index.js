@@ -33,7 +33,7 @@ const IDLE_MS = 1000; // §9 step 5
 const FORCED_CHECK_MS = 5000; // see stream(): store check even if messages keep arriving
 
 /** Error codes that the daemon's documentation (§3.3) says are worth retrying later. */
-const RETRYABLE = new Set(["unavailable", "queue_full", "disk_full", "too_many_waits"]);
+const RETRYABLE = new Set(["unavailable", "queue_full", "disk_full", "too_many_waits", "journal_lost"]);
 
 /**
  * An error reported by the daemon (`code` is the protocol's `error.code`, §3.3) or a local

@@ -30,6 +30,9 @@ TRANSITIONS: dict[EffectState, frozenset[EffectState]] = {
 
 RETRYABLE_STATES = frozenset({EffectState.FAILED, EffectState.TIMED_OUT, EffectState.LOST})
 MAX_RETRY_BACKOFF = 300.0
+NEVER_STARTED = "never_started"
+"""Reason of an attempt voided after a crash because it provably never started (it is not a
+run: it does not use up a retry)."""
 
 
 class WorkerState(str, Enum):
@@ -334,23 +337,27 @@ class Scheduler:
             worker.effects_done += 1
 
     def conclude(self, eff: Effect, state: EffectState, now: float, *, reason: str | None = None,
-                 fields: dict[str, Any] | None = None) -> bool:
+                 fields: dict[str, Any] | None = None, finished_at: float | None = None) -> bool:
         """End the current attempt. Returns True if the effect is now final, False if it was
-        re-queued for a retry (with exponential backoff and jitter)."""
+        re-queued for a retry (with exponential backoff and jitter). ``finished_at`` is when the
+        attempt really ended (the worker's clock, which may be long before ``now`` if it ended
+        while no daemon ran); the retry backoff counts from ``now``."""
         fields = fields or {}
+        ended = now if finished_at is None else finished_at
         self.release(eff, now)
         attempt_record = {"attempt": eff.attempt, "state": state.value, "reason": reason,
-                          "started_at": eff.started_at, "finished_at": now,
+                          "started_at": eff.started_at, "finished_at": ended,
                           "exit_code": fields.get("exit_code"), "signal": fields.get("signal")}
         if eff.attempt:
             eff.attempts.append(attempt_record)
         for key, value in fields.items():
             setattr(eff, key, value)
         retries = int(eff.spec.get("retries", 0))
-        retry = (state in RETRYABLE_STATES and eff.cancel_requested is None and eff.attempt <= retries
-                 and eff.attempt > 0)
+        ran = eff.attempt - sum(1 for a in eff.attempts if a.get("reason") == NEVER_STARTED)
+        retry = (state in RETRYABLE_STATES and eff.cancel_requested is None and ran <= retries
+                 and ran > 0)
         if retry:
-            backoff = float(eff.spec.get("retry_backoff", 1.0)) * (2 ** (eff.attempt - 1))
+            backoff = float(eff.spec.get("retry_backoff", 1.0)) * (2 ** (ran - 1))
             backoff = min(backoff, MAX_RETRY_BACKOFF)
             eff.not_before = now + backoff * (0.5 + self._rng.random() / 2)
             if eff.state is not EffectState.QUEUED:
@@ -361,10 +368,24 @@ class Scheduler:
             return False
         eff.transition(state)
         eff.reason = reason
-        eff.finished_at = now
+        eff.finished_at = ended
         del self.effects[eff.id]
         self._backoff.pop(eff.id, None)
         return True
+
+    def requeue_unstarted(self, eff: Effect, now: float) -> None:
+        """Put a running effect whose attempt provably never started back in the queue, at
+        once. The attempt number is not reused (its claim file is voided); the next start is
+        attempt + 1, and the voided attempt is listed in ``attempts`` with reason NEVER_STARTED."""
+        self.release(eff, now)
+        eff.attempts.append({"attempt": eff.attempt, "state": EffectState.QUEUED.value, "reason": NEVER_STARTED,
+                             "started_at": None, "finished_at": None, "exit_code": None, "signal": None})
+        eff.transition(EffectState.QUEUED)
+        eff.reason = NEVER_STARTED
+        eff.worker = None
+        eff.started_at = None
+        eff.not_before = 0.0
+        self._backoff.pop(eff.id, None)
 
     # ---- workers --------------------------------------------------------------------------
 

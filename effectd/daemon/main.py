@@ -2,6 +2,7 @@
 
 ``effectctl daemon start`` and the client's autostart run this same command detached.
 Exit codes: 0 clean stop, 1 could not start (the message says why), 2 usage,
+74 (EX_IOERR) the journal was deleted or replaced while running (systemd restarts it),
 75 (EX_TEMPFAIL) another daemon already runs for this runtime dir.
 """
 
@@ -130,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         daemon.close()
         lock.release()
+    if daemon.journal_lost is not None:
+        # Leave without the interpreter's teardown: it would close the SQLite connection, which
+        # deletes the -wal/-shm files by name (possibly those of a restored journal).
+        logging.shutdown()
+        os._exit(daemon.exit_code)
     log.info("effectd stopped")
     return 0
 

@@ -35,7 +35,7 @@ class OutputWriter:
     """Appends one effect's output; ``write`` returns (offset, bytes actually kept) to publish."""
 
     def __init__(self, effect_dir: Path, max_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> None:
-        self.dir = effect_dir  # created on the first write: many effects write nothing
+        self.dir = effect_dir  # made by the daemon at assignment (the claim file lives there)
         self.max_bytes = max_bytes
         self.tail_keep = min(TAIL_KEEP_BYTES, max_bytes // 4)
         self._head_cap = max_bytes - self.tail_keep

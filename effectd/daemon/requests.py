@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from effectd import __version__
 from effectd.daemon.core import Effect
-from effectd.ipc.errors import InvalidState, NotFound, QueueFull, TooManyWaits, Unavailable
+from effectd.ipc.errors import InvalidState, NotFound, QueueFull, RequestKeyGone, TooManyWaits, Unavailable
 from effectd.ipc.schema import (
     CAPABILITIES,
     FINAL_STATES,
@@ -144,6 +144,10 @@ class RequestHandlers:
         if request_key is not None:
             known = d.journal.ids_for_request_key(request_key)
             if known is not None:
+                if any(self.state_of(eid) is None for eid in known):
+                    # Running them again would be a silent second run of a retried submit.
+                    raise RequestKeyGone(f"request_key {request_key} was used for effects that have been "
+                                         "garbage-collected; send a new key to run them again")
                 return known
         if d.sched.queue_full(len(specs)):
             raise QueueFull(f"{len(d.sched.effects)} effects are queued or running "
@@ -154,8 +158,6 @@ class RequestHandlers:
             d.sched.add(eff)
             d.journal.put_effect(eff.to_record(), "submitted", new=True)
         if request_key is not None:
-            for eff in effects:
-                eff.spec["request_key"] = request_key  # so gc can drop the key with the effect
             d.journal.put_request_key(request_key, [e.id for e in effects])
         return [e.id for e in effects]
 

@@ -20,6 +20,9 @@ DEFAULT_RETAIN_DAYS = 7.0
 DEFAULT_RETAIN_COUNT = 10_000
 DEFAULT_RETAIN_BYTES = 2 * 1024 * 1024 * 1024
 GC_INTERVAL = 300.0
+MIN_KEY_WINDOW_DAYS = 7.0
+"""Request keys are remembered at least this long (or ``retain_days`` if longer): a client may
+retry a submit long after its effects were collected, and must not get a second run."""
 FINAL = ("succeeded", "failed", "cancelled", "timed_out", "lost")
 
 
@@ -31,6 +34,12 @@ class Retention:
     retain_count: int = DEFAULT_RETAIN_COUNT
     retain_bytes: int = DEFAULT_RETAIN_BYTES
     last_run: float = 0.0
+
+    @property
+    def key_window_days(self) -> float:
+        """How long a request key outlives its submit (the configured retention, not a ``gc``
+        op's one-off override: the window is a promise to clients)."""
+        return max(self.retain_days, MIN_KEY_WINDOW_DAYS)
 
     def due(self, now: float) -> bool:
         return now - self.last_run >= GC_INTERVAL
@@ -46,7 +55,6 @@ class Retention:
         kept = 0
         kept_bytes = 0
         doomed: list[str] = []
-        keys: list[str] = []
         # Newest first: an effect is kept while it fits every limit (count, bytes, age).
         for rec in self.journal.iter_final_newest_first():
             size = sum((rec.get("sizes") or {}).values())
@@ -56,14 +64,12 @@ class Retention:
                 kept_bytes += size
             else:
                 doomed.append(rec["id"])
-                key = (rec.get("spec") or {}).get("request_key")
-                if key:
-                    keys.append(key)
         freed = 0
         for eid in doomed:
             freed += self.outputs.remove(eid)
         for start in range(0, len(doomed), 500):
-            self.journal.delete_effects(doomed[start:start + 500], keys if start == 0 else ())
+            self.journal.delete_effects(doomed[start:start + 500])
+        self.journal.prune_request_keys(time.time() - self.key_window_days * 86400)
         if doomed:
             log.info("gc removed %d effects, freed %d output bytes", len(doomed), freed)
         return {"removed": len(doomed), "freed_bytes": freed, "kept": kept, "kept_bytes": kept_bytes}

@@ -89,7 +89,7 @@ class Run:
 
     def running_report(self) -> dict[str, Any]:
         return {"id": self.effect_id, "attempt": self.attempt, "pid": self.pid,
-                "create_time": self.create_time, "sizes": self.writer.sizes()}
+                "create_time": self.create_time, "sizes": self.writer.sizes(), "started_at": self.started_at}
 
     def _finish(self, state: str, **fields: Any) -> list[Chunk]:
         chunks = [Chunk(s, off, data) for s, off, data in self.writer.finish()]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import os
 import signal
 import time
@@ -27,17 +28,17 @@ from typing import Any
 import zmq
 
 from effectd.daemon.config import DaemonConfig
-from effectd.daemon.core import Effect, Limits, Scheduler, Worker, WorkerState
+from effectd.daemon.core import NEVER_STARTED, Effect, Limits, Scheduler, Worker, WorkerState
 from effectd.daemon.ids import UlidGenerator
 from effectd.daemon.pool import WorkerProcesses
-from effectd.daemon.proctree import ProcessIdentity, TreeKill
+from effectd.daemon.proctree import ProcessIdentity, TreeKill, effect_processes
 from effectd.daemon.requests import RequestHandlers, Waiter
 from effectd.daemon.retention import Retention
 from effectd.daemon.sdnotify import SystemdNotifier
 from effectd.daemon.worker import HEARTBEAT_LIVENESS
 from effectd.ipc import codec
 from effectd.ipc.endpoints import Endpoints, stream_hwm
-from effectd.ipc.errors import BadRequest, DiskFull, EffectdError, InternalError, Unavailable
+from effectd.ipc.errors import BadRequest, DiskFull, EffectdError, InternalError, JournalLost, Unavailable
 from effectd.ipc.schema import (
     OPS,
     WORKER_TO_DAEMON,
@@ -64,6 +65,19 @@ CRASH_WINDOW = 60.0
 CRASH_LOOP_THRESHOLD = 3
 SHUTDOWN_OVERRUN = 15.0
 """Seconds past drain + kill grace after which shutdown stops without concluding everything."""
+EXIT_JOURNAL_LOST = 74
+"""EX_IOERR: the journal was deleted or replaced under us. Non-zero, so systemd's
+``Restart=on-failure`` starts a new daemon on whatever journal is at the path now."""
+
+
+def reported_time(value: Any, not_before: float) -> float | None:
+    """A wall time a worker reported, if it is plausible: finite, not before ``not_before`` and
+    not in the future (same machine, same clock; anything else is a bug or garbage)."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    if value < not_before or value > time.time() + 1.0:
+        return None
+    return float(value)
 
 
 @dataclass
@@ -103,6 +117,8 @@ class Daemon:
         self.worker_failures = 0
         self.crash_times: collections.deque[float] = collections.deque()
         self.spawn_not_before = 0.0
+        self.journal_lost: JournalLost | None = None
+        self.exit_code = 0
         self._last_hb_sent = 0.0
         self._last_pool_check = 0.0
         self.endpoints = Endpoints.for_runtime(config.runtime_dir)
@@ -209,6 +225,8 @@ class Daemon:
             log.error("journal commit failed, refusing this batch: %s", exc)
             self._after_failed_commit(exc)
             self.final_markers = []
+        except JournalLost as exc:
+            self.lose_journal(exc)
         for eid in self.final_markers:  # only once the final state is durable
             with contextlib.suppress(OSError):
                 self.outputs.mark_final(eid)
@@ -221,7 +239,18 @@ class Daemon:
                 # A client that went away (EHOSTUNREACH) or a full link: never let it stop us.
                 log.debug("send dropped: %s", exc)
 
-    def _after_failed_commit(self, exc: DiskFull) -> None:
+    def lose_journal(self, exc: JournalLost) -> None:
+        """Stop acknowledging anything and exit non-zero: whatever we commit now goes to a file no
+        restart will read. Workers are left running (as after a crash) for the next daemon."""
+        log.critical("%s; refusing this batch and exiting (status %d) so that a new daemon starts on the "
+                     "journal now at that path", exc, EXIT_JOURNAL_LOST)
+        self._after_failed_commit(exc)
+        self.final_markers = []
+        self.journal_lost = exc
+        self.exit_code = EXIT_JOURNAL_LOST
+        self.stop_requested = True
+
+    def _after_failed_commit(self, exc: Unavailable) -> None:
         kept: list[tuple[zmq.Socket[bytes], list[bytes], bool]] = []
         for sock, frames, durable in self.outbox:
             if not durable:
@@ -265,6 +294,9 @@ class Daemon:
         except EffectdError as exc:
             self.reply_error(ident, request_id, exc)
             return
+        if self.journal_lost is not None and OPS[req.op].mutating:
+            self.reply_error(ident, req.id, self.journal_lost)
+            return
         # A savepoint per request: a request that fails half-way undoes only its own writes,
         # never those of other requests in the same batch whose replies are already queued.
         self.journal.savepoint()
@@ -286,8 +318,9 @@ class Daemon:
     # ---- effects --------------------------------------------------------------------------
 
     def conclude(self, eff: Effect, state: EffectState, *, reason: str | None = None,
-                 fields: dict[str, Any] | None = None) -> None:
-        final = self.sched.conclude(eff, state, time.time(), reason=reason, fields=fields)
+                 fields: dict[str, Any] | None = None, finished_at: float | None = None) -> None:
+        final = self.sched.conclude(eff, state, time.time(), reason=reason, fields=fields,
+                                    finished_at=finished_at)
         self.adopting.pop(eff.id, None)
         if final:
             self.journal.put_effect(eff.to_record(), "finished")
@@ -310,6 +343,22 @@ class Daemon:
                 self.kill_then_conclude(eff, EffectState.CANCELLED, reason)
             elif eff.worker:
                 self.to_worker(eff.worker, {"t": "cancel", "id": eff.id, "reason": reason}, durable=False)
+
+    def unclaimed_after_crash(self, eff: Effect) -> None:
+        """No worker claimed a recovered running effect within the adopt grace. At most once:
+        only an attempt with no evidence of ever starting (no journaled start, its claim file
+        voided by us before any worker made it, no process carrying its marker) runs again;
+        anything that may have started is killed and concluded lost."""
+        never_started = (eff.pid is None and self.outputs.void_attempt(eff.id, eff.attempt)
+                         and not effect_processes(eff.id))
+        if never_started:
+            log.info("effect %s attempt %d never started before the crash: queued again", eff.id, eff.attempt)
+            attempt = eff.attempt
+            self.sched.requeue_unstarted(eff, time.time())
+            self.journal.put_effect(eff.to_record(), "requeued", {"attempt": attempt, "reason": NEVER_STARTED})
+            return
+        log.warning("effect %s was not re-adopted within %.0fs", eff.id, self.config.adopt_grace)
+        self.kill_then_conclude(eff, EffectState.LOST, "daemon_crashed")
 
     def kill_then_conclude(self, eff: Effect, state: EffectState, reason: str) -> None:
         """For effects no live worker supervises: kill their tree here, conclude when it is gone."""
@@ -346,9 +395,12 @@ class Daemon:
         elif kind == "started":
             eff = self.sched.effects.get(msg["id"])
             if eff is not None and eff.attempt == msg["attempt"] and eff.state is EffectState.RUNNING:
+                if eff.id in self.adopting and eff.id not in self.pending_kills:
+                    # An assignment of the previous daemon that this worker read only now: it
+                    # claims the effect, which is as good as re-adoption.
+                    self.claimed_by(eff, worker)
                 eff.pid, eff.create_time = msg.get("pid"), msg.get("create_time")
-                if msg.get("started_at"):
-                    eff.started_at = msg["started_at"]
+                eff.started_at = reported_time(msg.get("started_at"), eff.submitted_at) or eff.started_at
                 self.journal.put_effect(eff.to_record(), "started", {"pid": eff.pid})
         elif kind == "finished":
             self.effect_finished(wid, msg)
@@ -389,20 +441,29 @@ class Daemon:
             if (eff is not None and eff.state is EffectState.RUNNING and eff.attempt == rep["attempt"]
                     and eff.id not in self.pending_kills):
                 if eff.id in self.adopting or eff.worker != wid:
-                    log.info("re-adopted effect %s on worker %s", eff.id, wid)
-                    self.adopting.pop(eff.id, None)
-                    eff.worker = wid
                     eff.pid = rep.get("pid") or eff.pid
                     eff.create_time = rep.get("create_time") or eff.create_time
-                    self.journal.put_effect(eff.to_record(), "adopted", {"worker": wid})
-                worker.effects.add(eff.id)
-                if eff.kind is EffectKind.PYTHON:
-                    worker.python_effect = eff.id
+                    eff.started_at = reported_time(rep.get("started_at"), eff.submitted_at) or eff.started_at
+                    self.claimed_by(eff, worker)
+                else:
+                    worker.effects.add(eff.id)
+                    if eff.kind is EffectKind.PYTHON:
+                        worker.python_effect = eff.id
             else:
                 # Not ours to run (already final, or unknown to this journal): stop it.
                 self.to_worker(wid, {"t": "cancel", "id": rep["id"], "reason": "not_adopted"}, durable=False)
         self.queue_send(self.workers_sock, [wid.encode(), codec.pack({"t": "welcome", "instance": self.instance})],
                         durable=False)
+
+    def claimed_by(self, eff: Effect, worker: Worker) -> None:
+        """Re-adopt a recovered effect on the worker that reports running it."""
+        log.info("re-adopted effect %s on worker %s", eff.id, worker.id)
+        self.adopting.pop(eff.id, None)
+        eff.worker = worker.id
+        worker.effects.add(eff.id)
+        if eff.kind is EffectKind.PYTHON:
+            worker.python_effect = eff.id
+        self.journal.put_effect(eff.to_record(), "adopted", {"worker": worker.id})
 
     def effect_finished(self, wid: str, rep: dict[str, Any]) -> None:
         eff = self.sched.effects.get(rep["id"])
@@ -417,7 +478,11 @@ class Daemon:
             fields["sizes"] = rep.get("sizes") or {}
             fields["truncated"] = rep.get("truncated") or {}
             self.pending_kills.pop(eff.id, None)
-            self.conclude(eff, state, reason=reason, fields=fields)
+            # The worker's own clock says when it ran: a report delivered after a daemon restart
+            # must not stretch the effect to the time of re-adoption.
+            eff.started_at = reported_time(rep.get("started_at"), eff.submitted_at) or eff.started_at
+            self.conclude(eff, state, reason=reason, fields=fields,
+                          finished_at=reported_time(rep.get("finished_at"), eff.started_at or eff.submitted_at))
         # Duplicates and late reports never change a final state; always acknowledge them so the
         # worker forgets the report.
         self.to_worker(wid, {"t": "ack", "id": rep["id"], "attempt": rep["attempt"]})
@@ -482,8 +547,7 @@ class Daemon:
             if now >= deadline:
                 eff = self.sched.effects.get(eid)
                 if eff is not None:
-                    log.warning("effect %s was not re-adopted within %.0fs", eid, self.config.adopt_grace)
-                    self.kill_then_conclude(eff, EffectState.LOST, "daemon_crashed")
+                    self.unclaimed_after_crash(eff)
                 self.adopting.pop(eid, None)
         for eid, pk in list(self.pending_kills.items()):
             if pk.kill.poll(now):
@@ -521,6 +585,8 @@ class Daemon:
         for eff in dep_failed:
             self.conclude(eff, EffectState.CANCELLED, reason="dependency_failed")
         for eff, worker in assignments:
+            with contextlib.suppress(OSError):  # if it fails, the worker reports spawn_failed
+                self.outputs.prepare(eff.id)
             self.sched.start(eff, worker, wall)
             self.journal.put_effect(eff.to_record(), "running", {"worker": worker.id, "attempt": eff.attempt})
             self.to_worker(worker.id, {"t": "assign", "id": eff.id, "attempt": eff.attempt, "spec": eff.spec})
@@ -684,14 +750,18 @@ class Daemon:
                              Unavailable("the daemon stopped while this wait was parked; wait again"))
         self.waiters = []
         self.flush()
-        self.procs.wait_all(timeout=5.0)
-        for pid in self.procs.adopted_pids.values():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        if self.journal_lost is None:
+            self.procs.wait_all(timeout=5.0)
+            for pid in self.procs.adopted_pids.values():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
         for sock in (self.control, self.workers_sock, self.stream, self.publish):
             sock.close()
         self.ctx.term()
-        self.journal.close()
+        if self.journal_lost is None:
+            # Not after a lost journal: SQLite's close would checkpoint and then delete the
+            # -wal/-shm files *by name*, i.e. those of a journal restored at that path.
+            self.journal.close()
         for addr in (self.endpoints.control, self.endpoints.stream, self.endpoints.workers,
                      self.endpoints.publish):
             with contextlib.suppress(FileNotFoundError):

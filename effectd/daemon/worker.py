@@ -41,6 +41,7 @@ from effectd.ipc.schema import (
     chunk_header,
     parse_worker_message,
 )
+from effectd.journal.outputs import claim_attempt
 
 log = logging.getLogger("effectd.worker")
 
@@ -202,6 +203,17 @@ class Worker:
     def assign(self, effect_id: str, attempt: int, spec: dict[str, Any]) -> None:
         if effect_id in self.runs:
             return  # duplicate assignment (re-sent after a reconnect): already running
+        # The claim comes before anything runs, so after a crash "no claim" proves "never
+        # started" and a recovering daemon may re-queue the attempt (at-most-once).
+        try:
+            claim_attempt(self.outputs_root / effect_id, attempt, f"{self.worker_id} {os.getpid()}")
+        except FileExistsError:
+            log.warning("refusing assignment of %s attempt %d: already claimed or voided (a stale or "
+                        "duplicate assignment)", effect_id, attempt)
+            return
+        except OSError as exc:
+            self._refuse(effect_id, attempt, exc)
+            return
         writer = OutputWriter(self.outputs_root / effect_id,
                               int(spec.get("max_output_bytes") or DEFAULT_MAX_OUTPUT_BYTES))
         common: dict[str, Any] = {"kill_grace": self.kill_grace}
@@ -219,6 +231,18 @@ class Worker:
         self.runs[effect_id] = run
         self.send({"t": "started", "id": effect_id, "attempt": attempt, "pid": run.pid,
                    "create_time": run.create_time, "started_at": run.started_at})
+
+    def _refuse(self, effect_id: str, attempt: int, exc: OSError) -> None:
+        """An attempt that cannot be claimed (its directory is gone or not writable) fails as a
+        spawn failure, reported like any completion; for a stale attempt the daemon ignores it."""
+        log.warning("cannot claim %s attempt %d: %s", effect_id, attempt, exc)
+        now = time.time()
+        report = {"id": effect_id, "attempt": attempt, "state": "failed", "reason": "spawn_failed",
+                  "error": {"type": type(exc).__name__, "message": f"cannot claim the attempt: {exc}",
+                            "traceback": ""},
+                  "sizes": {}, "truncated": {}, "started_at": now, "finished_at": now}
+        self.unacked[effect_id] = report
+        self.send({"t": "finished", **report})
 
     # ---- loop -----------------------------------------------------------------------------
 

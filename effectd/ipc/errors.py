@@ -5,10 +5,12 @@ error reply and the client turns the reply back into the same exception:
 
 * :class:`RequestError` - the request itself is wrong; fix it, retrying will not help
   (``bad_request``, ``unknown_op``, ``too_large``, ``unsupported_version``).
-* :class:`NotFound` - no effect (or group) has that id.
+* :class:`NotFound` - no effect (or group) has that id (:class:`RequestKeyGone`: the effects a
+  ``request_key`` names were garbage-collected).
 * :class:`InvalidState` - the effect exists but is not in a state that allows the operation.
 * :class:`Unavailable` - the daemon cannot take the request now; retry later
-  (``unavailable`` while draining, ``queue_full``, ``disk_full``, ``too_many_waits``).
+  (``unavailable`` while draining, ``queue_full``, ``disk_full``, ``too_many_waits``,
+  ``journal_lost``).
   :class:`DaemonUnavailable` is its client-side leaf: no daemon answered at all.
 * :class:`InternalError` - a bug in effectd; report it.
 """
@@ -67,6 +69,15 @@ class NotFound(EffectdError):
     code = "not_found"
 
 
+class RequestKeyGone(NotFound):
+    """A submit's ``request_key`` was already used for effects that retention has deleted.
+
+    The daemon refuses rather than run the effects a second time; a client that really wants
+    a new run sends a new key."""
+
+    code = "gone"
+
+
 class InvalidState(EffectdError):
     """The effect is not in a state that allows this operation (e.g. result of a running effect)."""
 
@@ -89,6 +100,14 @@ class DiskFull(Unavailable):
     """The journal or output store could not be written; nothing was acknowledged."""
 
     code = "disk_full"
+
+
+class JournalLost(Unavailable):
+    """The journal file was deleted or replaced under the running daemon: nothing in the batch
+    was acknowledged, and the daemon exits so that its supervisor restarts it on the journal
+    now at that path. Retry once it is back."""
+
+    code = "journal_lost"
 
 
 class TooManyWaits(Unavailable):
@@ -117,10 +136,12 @@ _BY_CODE: dict[str, type[EffectdError]] = {
         TooLarge,
         UnsupportedVersion,
         NotFound,
+        RequestKeyGone,
         InvalidState,
         Unavailable,
         QueueFull,
         DiskFull,
+        JournalLost,
         TooManyWaits,
         InternalError,
     )

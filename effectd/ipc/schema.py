@@ -496,6 +496,7 @@ WORKER_EFFECT_REPORT: tuple[Field, ...] = (
     Field("pid", "int"),
     Field("create_time", "num"),
     Field("sizes", "map", items="int"),
+    Field("started_at", "num"),
 )
 
 FINISH_FIELDS: tuple[Field, ...] = (

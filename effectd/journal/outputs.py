@@ -3,15 +3,40 @@
 Workers append to these files as their effects write (so output survives a daemon crash);
 the daemon only reads them, to serve ``read_output`` at any offset. The journal records sizes,
 never bytes.
+
+The same directory holds one ``.claim-<attempt>`` file per attempt: the fence that makes
+"did this attempt ever start?" answerable after a crash. A worker creates it (``O_EXCL``)
+before it starts anything; a daemon recovering an attempt nobody claimed creates it first
+(content ``void``). Whoever creates it wins, so an attempt voided and re-queued by a new daemon
+can never also be started by a worker that reads the old daemon's assignment late.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
 
 from effectd.ipc.schema import OUTPUT_STREAMS
+
+VOID = b"void\n"
+"""Content of a claim file created by a daemon: the attempt never started and never will."""
+
+
+def claim_path(effect_dir: Path, attempt: int) -> Path:
+    return effect_dir / f".claim-{attempt}"
+
+
+def claim_attempt(effect_dir: Path, attempt: int, owner: str) -> None:
+    """Claim ``attempt`` for a worker before starting it. Raises FileExistsError if it was
+    claimed or voided already (a stale or duplicate assignment: do not run it), another
+    OSError if the directory is gone (the effect was collected) or cannot be written."""
+    fd = os.open(claim_path(effect_dir, attempt), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, f"{owner}\n".encode())
+    finally:
+        os.close(fd)
 
 
 class OutputStore:
@@ -45,6 +70,31 @@ class OutputStore:
             return os.pread(fd, max_bytes, offset)
         finally:
             os.close(fd)
+
+    def prepare(self, effect_id: str) -> None:
+        """Create the effect's directory before assigning it: a worker claims an attempt only
+        inside an existing directory, so a stale assignment of a collected effect cannot run."""
+        self.effect_dir(effect_id).mkdir(mode=0o700, exist_ok=True)
+
+    def void_attempt(self, effect_id: str, attempt: int) -> bool:
+        """Make sure no worker can start ``attempt`` any more. True if it never started (we hold
+        its claim now, or an earlier daemon voided it); False if a worker claimed it, or if the
+        fence cannot be written (then it may have started)."""
+        d = self.effect_dir(effect_id)
+        tmp = d / f".void-{attempt}-{os.getpid()}"
+        try:
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp.write_bytes(VOID)
+            try:
+                os.link(tmp, claim_path(d, attempt))  # atomic create-with-content
+                return True
+            except FileExistsError:
+                return claim_path(d, attempt).read_bytes() == VOID
+        except OSError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def final_marker(self, effect_id: str) -> Path:
         return self.root / effect_id / "final"

@@ -17,9 +17,11 @@ from typing import Any
 
 import msgpack
 
-from effectd.ipc.errors import DiskFull
+from effectd.ipc.errors import DiskFull, JournalLost
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+JOURNAL_SUFFIXES = ("", "-wal", "-shm")
+"""The database file and the WAL and shared-memory files SQLite keeps beside it."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
@@ -37,7 +39,7 @@ CREATE TABLE IF NOT EXISTS labels (
     PRIMARY KEY (effect_id, key)
 );
 CREATE INDEX IF NOT EXISTS labels_kv ON labels(key, value);
-CREATE TABLE IF NOT EXISTS request_keys (key TEXT PRIMARY KEY, ids BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS request_keys (key TEXT PRIMARY KEY, ids BLOB NOT NULL, created REAL);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     effect_id TEXT,
@@ -69,8 +71,11 @@ class Journal:
         self._in_batch = False
         self.commits = 0
         existed = path.exists()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
+        # Kept open for the connection's whole life (closing any descriptor of the database
+        # would drop SQLite's POSIX locks): its fstat is the file we really write, compared
+        # with what is at ``path`` before and after every commit (check_intact).
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._identity: dict[str, tuple[int, int]] = {}
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -82,13 +87,34 @@ class Journal:
                     raise JournalCorrupt(f"quick_check reported: {row[0] if row else 'nothing'}")
             self._db.executescript(_SCHEMA)
             version = self.get_meta("schema_version")
-            if version is None:
+            if version == 1:
+                self._migrate_from_1()
+            elif version is None:
                 self.set_meta("schema_version", SCHEMA_VERSION)
             elif version != SCHEMA_VERSION:
                 raise JournalCorrupt(f"journal schema version {version}, this effectd knows {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
+            os.close(self._fd)
             raise JournalCorrupt(str(exc)) from exc
+        st = os.fstat(self._fd)
+        self._identity[""] = (st.st_dev, st.st_ino)
         self.commit()
+        self.check_intact()  # also records the WAL and shared-memory files SQLite opened
+
+    def _migrate_from_1(self) -> None:
+        """Version 2 keeps request keys past gc (with their creation time, for the key window)
+        and no longer stores the key inside ``record.spec`` (a record's spec is resubmittable)."""
+        self._write("ALTER TABLE request_keys ADD COLUMN created REAL")
+        # Unknown age: keep every existing key a full window from now.
+        self._write("UPDATE request_keys SET created = ?", (time.time(),))
+        rows = self._db.execute("SELECT id, record FROM effects").fetchall()
+        for eid, blob in rows:
+            rec = _unpack(blob)
+            spec = rec.get("spec")
+            if isinstance(spec, dict) and "request_key" in spec:
+                del spec["request_key"]
+                self._write("UPDATE effects SET record = ? WHERE id = ?", (_pack(rec), eid))
+        self.set_meta("schema_version", SCHEMA_VERSION)
 
     # ---- batching -------------------------------------------------------------------------
 
@@ -102,9 +128,16 @@ class Journal:
         return self._in_batch
 
     def commit(self) -> None:
-        """Make the current batch durable. On failure the batch is rolled back and DiskFull raised."""
+        """Make the current batch durable. On failure the batch is rolled back and DiskFull raised;
+        JournalLost if the journal's files were deleted or replaced (checked before the commit,
+        so nothing is written to a file nobody will read, and after it, for a race with it)."""
         if not self._in_batch:
             return
+        try:
+            self.check_intact()
+        except JournalLost:
+            self.rollback()
+            raise
         try:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -112,6 +145,25 @@ class Journal:
             raise DiskFull(f"journal commit failed: {exc}") from exc
         self._in_batch = False
         self.commits += 1
+        self.check_intact()
+
+    def check_intact(self) -> None:
+        """Raise JournalLost unless the database, WAL and shared-memory files at the journal's
+        path are still the ones this connection writes. A deleted (or renamed-over) journal
+        keeps accepting commits into an unlinked inode that no restart will ever read."""
+        if os.fstat(self._fd).st_nlink == 0:
+            raise JournalLost(f"the journal {self.path} was deleted while the daemon ran")
+        for suffix in JOURNAL_SUFFIXES:
+            name = f"{self.path}{suffix}"
+            try:
+                st = os.stat(name)
+            except FileNotFoundError:
+                if suffix in self._identity:
+                    raise JournalLost(f"the journal file {name} was deleted while the daemon ran") from None
+                continue  # SQLite has not created it yet
+            known = self._identity.setdefault(suffix, (st.st_dev, st.st_ino))
+            if known != (st.st_dev, st.st_ino):
+                raise JournalLost(f"the journal file {name} was replaced while the daemon ran")
 
     def savepoint(self) -> None:
         """Mark the start of one request's writes inside the batch."""
@@ -160,8 +212,18 @@ class Journal:
             (eid, event, time.time(), None if payload is None else _pack(payload)),
         )
 
-    def put_request_key(self, key: str, ids: list[str]) -> None:
-        self._write("INSERT INTO request_keys VALUES (?, ?)", (key, _pack(ids)))
+    def put_request_key(self, key: str, ids: list[str], created: float | None = None) -> None:
+        self._write("INSERT INTO request_keys (key, ids, created) VALUES (?, ?, ?)",
+                    (key, _pack(ids), time.time() if created is None else created))
+
+    def prune_request_keys(self, older_than: float) -> int:
+        """Forget request keys created before ``older_than`` (wall time); returns how many."""
+        self._begin()
+        try:
+            cur = self._db.execute("DELETE FROM request_keys WHERE created < ?", (older_than,))
+        except sqlite3.OperationalError as exc:
+            raise DiskFull(f"journal write failed: {exc}") from exc
+        return cur.rowcount
 
     def append_event(self, effect_id: str | None, event: str, payload: Any = None) -> None:
         self._write(
@@ -172,9 +234,8 @@ class Journal:
     def set_meta(self, key: str, value: Any) -> None:
         self._write("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, _pack(value)))
 
-    def delete_effects(self, ids: list[str], request_keys: Iterable[str] = ()) -> None:
-        for key in request_keys:
-            self._write("DELETE FROM request_keys WHERE key = ?", (key,))
+    def delete_effects(self, ids: list[str]) -> None:
+        """Delete final effects; their request keys stay (see ``prune_request_keys``)."""
         for eid in ids:
             self._write("DELETE FROM effects WHERE id = ?", (eid,))
             self._write("DELETE FROM labels WHERE effect_id = ?", (eid,))
@@ -236,3 +297,4 @@ class Journal:
         with contextlib.suppress(sqlite3.Error):
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.close()
+        os.close(self._fd)
