@@ -119,6 +119,7 @@ class RequestHandlers:
             "worker_crashes_recent": d.recent_crashes(),
             "spawn_backoff": max(0.0, d.spawn_not_before - time.monotonic()),
             "draining": d.draining,
+            "loop": {"worst_turn": round(d.worst_turn, 4), "deaf_seconds": round(d.hearing.deaf_total, 3)},
             "managed_by": d.managed_by,
             "runtime_dir": str(d.config.runtime_dir),
             "state_dir": str(d.config.state_dir),

@@ -29,6 +29,7 @@ from typing import Any
 import zmq
 
 from effectd.daemon import runners
+from effectd.daemon.liveness import HearingClock
 from effectd.daemon.output import DEFAULT_MAX_OUTPUT_BYTES, OutputWriter
 from effectd.daemon.proctree import become_subreaper, reap_orphan_zombies
 from effectd.daemon.runners import Chunk, Phase, PythonRun, Run, ShellRun, SleepRun
@@ -74,7 +75,10 @@ class Worker:
         self.runs: dict[str, Run] = {}
         self.unacked: dict[str, dict[str, Any]] = {}
         self.effects_done = 0
-        self.last_heard = time.monotonic()
+        # Silence of the daemon is measured on this clock: while this worker itself was stopped
+        # or stalled it could not hear the daemon, and that is not the daemon's silence.
+        self.hearing = HearingClock()
+        self.last_heard = self.hearing.now()
         self.last_sent = 0.0
         self.last_resend = time.monotonic()
         self.last_reap = 0.0
@@ -167,7 +171,7 @@ class Worker:
     # ---- daemon messages ------------------------------------------------------------------
 
     def handle(self, raw: bytes) -> None:
-        self.last_heard = time.monotonic()
+        self.last_heard = self.hearing.now()
         if not self.connected:
             self.connected = True
             self.disconnected_since = None
@@ -263,13 +267,12 @@ class Worker:
             if deadlines:
                 wait = min(wait, max(0.0, min(deadlines) - now))
             events = dict(poller.poll(int(wait * 1000) + 1))
+            deaf = self.hearing.turn(wait)
+            if deaf:
+                log.warning("this worker could not listen for %.1fs (stopped or stalled); not the daemon's silence",
+                            deaf)
             if self.dealer in events:
-                for _ in range(1000):
-                    try:
-                        raw = self.dealer.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self.handle(raw)
+                self._read_daemon()
             if self._wake_r in events:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
@@ -299,21 +302,35 @@ class Worker:
         self.close()
         return 0
 
+    def _read_daemon(self) -> None:
+        for _ in range(1000):
+            try:
+                raw = self.dealer.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.handle(raw)
+
     def _heartbeat(self, now: float) -> None:
-        silent = now - self.last_heard
-        if silent > self.heartbeat * HEARTBEAT_LIVENESS:
+        """``now`` is monotonic time (for our own sending); the daemon's silence and the orphan
+        timeout are measured on the hearing clock."""
+        heard = self.hearing.now()
+        liveness = self.heartbeat * HEARTBEAT_LIVENESS
+        if heard - self.last_heard > liveness and self.connected:
+            self._read_daemon()  # what the daemon already sent is not silence
+        silent = heard - self.last_heard
+        if silent > liveness:
             if self.connected:
                 log.warning("daemon silent for %.1fs; keeping effects running, reconnecting", silent)
                 self.connected = False
-                self.disconnected_since = now
+                self.disconnected_since = heard
                 # zmq reconnects the transport by itself, but a new daemon does not know us:
                 # a fresh socket plus READY re-registers (and re-reports our effects).
                 self.dealer.setsockopt(zmq.LINGER, 0)
                 self.dealer.close()
                 self.dealer = self._new_dealer()
-            if self.disconnected_since is not None and now - self.disconnected_since > self.orphan_timeout:
+            if self.disconnected_since is not None and heard - self.disconnected_since > self.orphan_timeout:
                 log.error("no daemon for %.0fs (orphan timeout): killing effects and exiting",
-                          now - self.disconnected_since)
+                          heard - self.disconnected_since)
                 self.orphaned()
                 return
             if now - self.last_sent >= self.heartbeat:
