@@ -29,6 +29,7 @@ import zmq
 from effectd.daemon.config import DaemonConfig
 from effectd.daemon.core import Effect, Limits, Scheduler, Worker, WorkerState
 from effectd.daemon.ids import UlidGenerator
+from effectd.daemon.intake import Intake, forget_interrupted
 from effectd.daemon.liveness import HearingClock
 from effectd.daemon.pool import WorkerProcesses
 from effectd.daemon.proctree import ProcessIdentity, TreeKill
@@ -89,6 +90,7 @@ class Daemon:
                                       min_workers=config.min_workers, worker_slots=config.worker_slots,
                                       max_queued=config.max_queued))
         self.handlers = RequestHandlers(self)
+        self.intake = Intake(self)
         self.waiters: list[Waiter] = []
         self.outbox: list[tuple[zmq.Socket[bytes], list[bytes], bool]] = []
         self.pending_kills: dict[str, PendingKill] = {}
@@ -123,6 +125,7 @@ class Daemon:
         cfg = self.config
         self.retention = Retention(self.journal, self.outputs, cfg.retain_days, cfg.retain_count,
                                    cfg.retain_bytes, last_run=time.monotonic())
+        forget_interrupted(self)
         groups = self.journal.get_meta("group_limits") or {}
         self.sched.group_limits.update(groups)
 
@@ -268,7 +271,7 @@ class Daemon:
                 raise BadRequest(f"expected exactly one message frame, got {len(body_frames)}")
             msg = codec.unpack(body_frames[0])
             request_id = request_id_of(msg)
-            req = parse_request(msg)
+            req = parse_request(msg, check_batch=False)  # big batches are checked in slices (intake.py)
         except EffectdError as exc:
             self.reply_error(ident, request_id, exc)
             return
@@ -630,7 +633,7 @@ class Daemon:
     # ---- loop -----------------------------------------------------------------------------
 
     def poll_timeout(self) -> int:
-        if self.outbox or self.journal.dirty:
+        if self.outbox or self.journal.dirty or self.intake.busy:
             return 0
         timeout = self.config.heartbeat / 2
         now = time.monotonic()
@@ -666,6 +669,8 @@ class Daemon:
                 self._forward_chunks()
             if self.stream in events:
                 self._forward_subscriptions()
+            if self.intake.busy:
+                self.intake.step()
             self.tick()
             self.flush()
             self._note_turn(time.monotonic() - turn_started)
@@ -716,6 +721,8 @@ class Daemon:
             self.reply_error(waiter.ident, waiter.request_id,
                              Unavailable("the daemon stopped while this wait was parked; wait again"))
         self.waiters = []
+        self.intake.abandon(Unavailable("the daemon stopped before this batch was journaled; nothing of it was "
+                                        "submitted"))
         self.flush()
         self.procs.wait_all(timeout=5.0)
         for pid in self.procs.adopted_pids.values():
