@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sqlite3
 import threading
 import time
 from typing import Any
@@ -20,8 +21,10 @@ import pytest
 
 from effectd.client import EffectState
 from effectd.client.aio import AsyncClient
+from effectd.ipc.codec import pack, unpack
 from effectd.ipc.errors import DaemonUnavailable
 from tests.conftest import wait_until
+from tests.test_protocol_robustness import RawReq
 
 
 def _worker_pids(c: Any) -> set[int]:
@@ -157,3 +160,74 @@ def test_worker_stopped_beyond_liveness_is_lost(daemon_factory: Any) -> None:
     assert (rec.state, rec.reason) == (EffectState.FAILED, "worker_lost")
     wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
                what="stopped worker killed")
+
+
+def _labelled_batch(n: int, **extra: Any) -> list[dict[str, Any]]:
+    labels = {f"label{i:02d}": f"v{i}" for i in range(64)}
+    return [{"kind": "sleep", "seconds": 60, "labels": labels, "name": f"n{i}", **extra} for i in range(n)]
+
+
+def _journal_count(d: Any, table: str) -> int:
+    con = sqlite3.connect(f"file:{d.state / 'journal.sqlite3'}?mode=ro", uri=True)
+    try:
+        return int(con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+    finally:
+        con.close()
+
+
+@pytest.mark.timeout(60)
+def test_big_batch_is_all_or_nothing(daemon: Any) -> None:
+    raw = RawReq(f"ipc://{daemon.runtime}/control.sock")
+    try:
+        for last, code in (({"kind": "sleep"}, "bad_request"),
+                           ({"kind": "sleep", "seconds": 1, "after": ["0" * 26]}, "not_found")):
+            specs = [*_labelled_batch(2000), last]
+            reply = raw.call({"v": 1, "rid": code, "op": "submit_many", "effects": specs, "request_key": code})
+            assert reply["ok"] is False and reply["error"]["code"] == code, reply
+            assert "effects[2000]" in reply["error"]["message"] or code == "not_found"
+    finally:
+        raw.close()
+    assert _journal_count(daemon, "effects") == 0 and _journal_count(daemon, "labels") == 0
+
+
+@pytest.mark.timeout(60)
+def test_retry_of_a_batch_in_progress_gets_the_same_ids(daemon: Any) -> None:
+    body = pack({"v": 1, "rid": 1, "op": "submit_many", "effects": _labelled_batch(5000), "request_key": "k1"})
+    first, retry = (RawReq(f"ipc://{daemon.runtime}/control.sock") for _ in range(2))
+    try:
+        first.sock.send(body)
+        retry.sock.send(body)  # as a client's Lazy Pirate retry does, on another socket
+        replies = [_recv(sock) for sock in (first, retry)]
+    finally:
+        first.close()
+        retry.close()
+    assert all(r["ok"] for r in replies), replies
+    assert replies[0]["ids"] == replies[1]["ids"] and len(set(replies[0]["ids"])) == 5000
+    assert _journal_count(daemon, "effects") == 5000
+
+
+def _recv(req: RawReq) -> dict[str, Any]:
+    assert req.sock.poll(30_000), "no reply"
+    reply = unpack(req.sock.recv())
+    assert isinstance(reply, dict)
+    return reply
+
+
+@pytest.mark.timeout(60)
+def test_batch_interrupted_by_a_crash_leaves_no_trace(daemon: Any) -> None:
+    body = pack({"v": 1, "rid": 1, "op": "submit_many", "effects": _labelled_batch(10_000), "request_key": "k2"})
+    raw = RawReq(f"ipc://{daemon.runtime}/control.sock")
+    try:
+        raw.sock.send(body)
+        wait_until(lambda: _journal_count(daemon, "labels") > 0, timeout=30, what="label rows being written")
+    finally:
+        raw.close()
+    daemon.kill9()
+    assert _journal_count(daemon, "effects") == 0
+    daemon.start()
+    assert _journal_count(daemon, "labels") == 0
+    c = daemon.client(timeout=30)
+    assert c.hello()["counts"] == {}
+    # Nothing of it was submitted: the same key submits the batch now.
+    ids = c.submit_many(_labelled_batch(200), request_key="k2")
+    assert len(ids) == 200 and _journal_count(daemon, "labels") == 200 * 64
