@@ -8,7 +8,8 @@ I/O thread was stopped too), so blaming the peer would kill healthy work for our
 
 :class:`HearingClock` is a monotonic clock that does not advance while we are deaf. Each loop
 turn reports how long it asked to poll; any part of the interval between two turns beyond that
-poll timeout plus :data:`TURN_ALLOWANCE` is counted as deafness and taken out of the clock.
+poll timeout plus an allowance (:data:`TURN_ALLOWANCE`, at most one heartbeat) is counted as
+deafness and taken out of the clock.
 Peers' "last heard" times are kept on this clock, so a stall of any length costs them nothing,
 while a peer that stays silent while we listen is still detected after the usual window.
 
@@ -36,7 +37,8 @@ loop can delay the detection of a hung peer: by at most the busy time beyond thi
 class HearingClock:
     """A monotonic clock that stops while this process could not listen (see module doc)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, allowance: float = TURN_ALLOWANCE, clock: Callable[[], float] = time.monotonic) -> None:
+        self.allowance = allowance
         self._clock = clock
         self._last_turn = clock()
         self.deaf_total = 0.0
@@ -55,6 +57,6 @@ class HearingClock:
         self._last_turn = now
         overrun = max(0.0, gap - polled)
         self.worst_overrun = max(self.worst_overrun, overrun)
-        deaf = max(0.0, overrun - TURN_ALLOWANCE)
+        deaf = max(0.0, overrun - self.allowance)
         self.deaf_total += deaf
         return deaf

@@ -30,7 +30,7 @@ from effectd.daemon.config import DaemonConfig
 from effectd.daemon.core import Effect, Limits, Scheduler, Worker, WorkerState
 from effectd.daemon.ids import UlidGenerator
 from effectd.daemon.intake import Intake, forget_interrupted
-from effectd.daemon.liveness import HearingClock
+from effectd.daemon.liveness import TURN_ALLOWANCE, HearingClock
 from effectd.daemon.pool import WorkerProcesses
 from effectd.daemon.proctree import ProcessIdentity, TreeKill
 from effectd.daemon.requests import RequestHandlers, Waiter
@@ -110,7 +110,7 @@ class Daemon:
         self.spawn_not_before = 0.0
         self._last_hb_sent = 0.0
         self._last_pool_check = 0.0
-        self.hearing = HearingClock()
+        self.hearing = HearingClock(min(TURN_ALLOWANCE, config.heartbeat))
         """Workers' ``last_seen`` is on this clock: time this loop could not listen is not silence."""
         self.worst_turn = 0.0
         self.endpoints = Endpoints.for_runtime(config.runtime_dir)

@@ -29,7 +29,7 @@ from typing import Any
 import zmq
 
 from effectd.daemon import runners
-from effectd.daemon.liveness import HearingClock
+from effectd.daemon.liveness import TURN_ALLOWANCE, HearingClock
 from effectd.daemon.output import DEFAULT_MAX_OUTPUT_BYTES, OutputWriter
 from effectd.daemon.proctree import become_subreaper, reap_orphan_zombies
 from effectd.daemon.runners import Chunk, Phase, PythonRun, Run, ShellRun, SleepRun
@@ -77,7 +77,7 @@ class Worker:
         self.effects_done = 0
         # Silence of the daemon is measured on this clock: while this worker itself was stopped
         # or stalled it could not hear the daemon, and that is not the daemon's silence.
-        self.hearing = HearingClock()
+        self.hearing = HearingClock(min(TURN_ALLOWANCE, heartbeat))
         self.last_heard = self.hearing.now()
         self.last_sent = 0.0
         self.last_resend = time.monotonic()
