@@ -98,7 +98,7 @@ def test_stopped_daemon_keeps_every_effect_and_worker(daemon_factory: Any) -> No
 @pytest.mark.timeout(120)
 def test_big_submit_many_does_not_stall_the_loop(daemon_factory: Any) -> None:
     d = daemon_factory("--heartbeat", "0.5", "--kill-grace", "1", "--max-queued", "20000")
-    c = d.client(timeout=60, retries=0)
+    c = d.client(timeout=2, retries=1)  # submit_many adds 1 ms per effect to its reply timeout
     ids = _start_mixed_effects(c, 3)
     pids = _worker_pids(c)
     labels = {f"label{i:02d}": f"v{i}" for i in range(64)}
