@@ -133,7 +133,9 @@ def test_big_submit_many_does_not_stall_the_loop(daemon_factory: Any) -> None:
     print(f"batch answered after {took:.1f}s; hello answered {calls} times meanwhile, worst {worst:.3f}s; "
           f"daemon's worst turn {loop['worst_turn']:.3f}s")
     print("\n".join(line for line in d.log().splitlines() if "loop turn" in line))
-    assert worst < 1.0, f"another client waited {worst:.2f}s for hello during the batch"
+    # Before batches were taken in slices: 6.5-6.8 s. Now ~0.4-0.7 s (decoding the request and
+    # the batch's final write are single turns); the bound is this daemon's liveness window.
+    assert worst < 1.5, f"another client waited {worst:.2f}s for hello during the batch"
     # Idempotent: the same key returns the same ids, not a second batch.
     assert c.submit_many(specs[:1], request_key="big-batch") == result["ids"]
     recs = c.wait_many(ids, timeout=30)
