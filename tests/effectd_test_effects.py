@@ -76,3 +76,8 @@ def int_keys() -> dict[int, int]:
 
 def cwd() -> str:
     return os.getcwd()
+
+
+def nap(seconds: float) -> str:
+    time.sleep(seconds)
+    return "rested"

@@ -50,6 +50,7 @@ from effectd.client.follow import FINISHED, IDLE_CHECK, SUBSCRIBED_WAIT, Followe
 from effectd.client.records import Chunk, EffectRecord, OutputSlice
 from effectd.client.spec import python_spec, shell_spec, sleep_spec
 from effectd.client.sync import DEFAULT_RETRIES, DEFAULT_TIMEOUT, WAIT_SLICE
+from effectd.client.transport import batch_reply_timeout
 from effectd.ipc import codec
 from effectd.ipc.endpoints import Endpoints, runtime_dir, state_dir, stream_hwm
 from effectd.ipc.errors import DaemonUnavailable, EffectdError, TooLarge, error_from_wire
@@ -321,7 +322,8 @@ class AsyncClient:
                           request_key: str | None = None) -> builtins.list[str]:
         """Submit several effects in one atomic commit."""
         key = request_key or f"{os.getpid()}-{os.urandom(8).hex()}"
-        reply = await self.call("submit_many", effects=[dict(e) for e in effects], request_key=key)
+        reply = await self.call("submit_many", effects=[dict(e) for e in effects], request_key=key,
+                                reply_timeout=batch_reply_timeout(self.timeout, len(effects)))
         return list(reply["ids"])
 
     async def submit_shell(self, command: str | Sequence[str], **options: Any) -> str:

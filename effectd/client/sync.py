@@ -16,7 +16,7 @@ from effectd.client import autostart
 from effectd.client.follow import FINISHED, IDLE_CHECK, SUBSCRIBED_WAIT, Follower, parse_frame
 from effectd.client.records import Chunk, EffectRecord, OutputSlice
 from effectd.client.spec import python_spec, shell_spec, sleep_spec
-from effectd.client.transport import ReqChannel
+from effectd.client.transport import ReqChannel, batch_reply_timeout
 from effectd.ipc.endpoints import Endpoints, runtime_dir, state_dir, stream_hwm
 from effectd.ipc.errors import DaemonUnavailable
 from effectd.ipc.schema import EffectState, build_request
@@ -106,7 +106,8 @@ class Client:
                     request_key: str | None = None) -> builtins.list[str]:
         """Submit several effects in one atomic commit."""
         key = request_key or f"{os.getpid()}-{os.urandom(8).hex()}"
-        return list(self.call("submit_many", effects=[dict(e) for e in effects], request_key=key)["ids"])
+        return list(self.call("submit_many", effects=[dict(e) for e in effects], request_key=key,
+                              reply_timeout=batch_reply_timeout(self.channel.timeout, len(effects)))["ids"])
 
     def submit_shell(self, command: str | Sequence[str], **options: Any) -> str:
         """Run a shell command (string: via /bin/sh -c; sequence: argv). See :func:`shell_spec`."""

@@ -16,6 +16,16 @@ import zmq
 from effectd.ipc import codec
 from effectd.ipc.errors import DaemonUnavailable, EffectdError, error_from_wire
 
+BATCH_SECONDS_PER_EFFECT = 0.001
+"""Extra reply time per effect of a ``submit_many``: the daemon takes a big batch in over several
+loop turns and answers once all of it is durable (measured: ~0.6 ms per effect with 64 labels
+on a loaded 2-core machine)."""
+
+
+def batch_reply_timeout(timeout: float, count: int) -> float:
+    """Per-attempt reply timeout of a ``submit_many`` of ``count`` effects."""
+    return timeout + count * BATCH_SECONDS_PER_EFFECT
+
 
 class ReqChannel:
     def __init__(self, ctx: zmq.Context[Any], endpoint: str, *, timeout: float, retries: int) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from effectd import __version__
 from effectd.daemon.core import Effect
+from effectd.daemon.intake import INLINE_BATCH
 from effectd.ipc.errors import InvalidState, NotFound, QueueFull, RequestKeyGone, TooManyWaits, Unavailable
 from effectd.ipc.schema import (
     CAPABILITIES,
@@ -23,6 +24,7 @@ from effectd.ipc.schema import (
     PROTOCOL_VERSION,
     EffectState,
     Request,
+    check_effect_spec,
 )
 
 if TYPE_CHECKING:
@@ -119,6 +121,7 @@ class RequestHandlers:
             "worker_crashes_recent": d.recent_crashes(),
             "spawn_backoff": max(0.0, d.spawn_not_before - time.monotonic()),
             "draining": d.draining,
+            "loop": {"worst_turn": round(d.worst_turn, 4), "deaf_seconds": round(d.hearing.deaf_total, 3)},
             "managed_by": d.managed_by,
             "runtime_dir": str(d.config.runtime_dir),
             "state_dir": str(d.config.state_dir),
@@ -127,7 +130,8 @@ class RequestHandlers:
                        "max_output_bytes": d.config.max_output_bytes},
         }
 
-    def _new_effect(self, spec: dict[str, Any], now: float) -> Effect:
+    def new_effect(self, spec: dict[str, Any], now: float) -> Effect:
+        """A new effect for a validated spec (its dependencies must exist); not yet added or journaled."""
         for dep in spec.get("after") or []:
             if self.state_of(dep) is None:
                 raise NotFound(f"after: no effect with id {dep}")
@@ -137,23 +141,29 @@ class RequestHandlers:
             spec["max_output_bytes"] = self.d.config.max_output_bytes
         return Effect(id=self.d.ids.new(now), spec=spec, submitted_at=now)
 
+    def ids_for_key(self, request_key: str) -> list[str] | None:
+        """The ids a request key was answered with, None if the key is unknown. Raises
+        RequestKeyGone when those effects were collected: running them again would be a silent
+        second run of a retried submit."""
+        known = self.d.journal.ids_for_request_key(request_key)
+        if known is not None and any(self.state_of(eid) is None for eid in known):
+            raise RequestKeyGone(f"request_key {request_key} was used for effects that have been "
+                                 "garbage-collected; send a new key to run them again")
+        return known
+
     def _submit(self, specs: list[dict[str, Any]], request_key: str | None) -> list[str]:
         d = self.d
         if d.draining:
             raise Unavailable("the daemon is shutting down and accepts no new effects")
         if request_key is not None:
-            known = d.journal.ids_for_request_key(request_key)
+            known = self.ids_for_key(request_key)
             if known is not None:
-                if any(self.state_of(eid) is None for eid in known):
-                    # Running them again would be a silent second run of a retried submit.
-                    raise RequestKeyGone(f"request_key {request_key} was used for effects that have been "
-                                         "garbage-collected; send a new key to run them again")
                 return known
-        if d.sched.queue_full(len(specs)):
+        if d.sched.queue_full(len(specs) + d.intake.pending_effects):
             raise QueueFull(f"{len(d.sched.effects)} effects are queued or running "
                             f"(limit --max-queued {d.config.max_queued})")
         now = time.time()
-        effects = [self._new_effect(spec, now) for spec in specs]  # validate all before writing any
+        effects = [self.new_effect(spec, now) for spec in specs]  # validate all before writing any
         for eff in effects:
             d.sched.add(eff)
             d.journal.put_effect(eff.to_record(), "submitted", new=True)
@@ -165,8 +175,17 @@ class RequestHandlers:
         ids = self._submit([req.args["effect"]], req.args["request_key"])
         return {"id": ids[0], "state": self.state_of(ids[0]).value}  # type: ignore[union-attr]
 
-    def op_submit_many(self, ident: bytes, req: Request) -> dict[str, Any]:
-        return {"ids": self._submit(req.args["effects"], req.args["request_key"])}
+    def op_submit_many(self, ident: bytes, req: Request) -> dict[str, Any] | None:
+        """A small batch is taken in now; a big one over several loop turns (daemon/intake.py),
+        answered once all of it is durable (None: the reply comes later)."""
+        specs = req.args["effects"]  # the server parses requests with check_batch=False
+        if len(specs) > INLINE_BATCH or req.args["request_key"] in self.d.intake.by_key:
+            if self.d.draining:
+                raise Unavailable("the daemon is shutting down and accepts no new effects")
+            self.d.intake.admit(ident, req)
+            return None
+        checked = [check_effect_spec(spec, f"effects[{i}].") for i, spec in enumerate(specs)]
+        return {"ids": self._submit(checked, req.args["request_key"])}
 
     def op_status(self, ident: bytes, req: Request) -> dict[str, Any]:
         return {"effects": self.records(req.args["ids"])}

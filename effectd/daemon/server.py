@@ -30,6 +30,8 @@ import zmq
 from effectd.daemon.config import DaemonConfig
 from effectd.daemon.core import NEVER_STARTED, Effect, Limits, Scheduler, Worker, WorkerState
 from effectd.daemon.ids import UlidGenerator
+from effectd.daemon.intake import Intake, forget_interrupted
+from effectd.daemon.liveness import TURN_ALLOWANCE, HearingClock
 from effectd.daemon.pool import WorkerProcesses
 from effectd.daemon.proctree import ProcessIdentity, TreeKill, effect_processes
 from effectd.daemon.requests import RequestHandlers, Waiter
@@ -63,6 +65,8 @@ WORKER_START_TIMEOUT = 30.0
 SPAWN_BACKOFF_MAX = 60.0
 CRASH_WINDOW = 60.0
 CRASH_LOOP_THRESHOLD = 3
+TURN_WARNING = 0.5
+"""A loop turn longer than this is logged (when it is the longest so far)."""
 SHUTDOWN_OVERRUN = 15.0
 """Seconds past drain + kill grace after which shutdown stops without concluding everything."""
 EXIT_JOURNAL_LOST = 74
@@ -100,6 +104,7 @@ class Daemon:
                                       min_workers=config.min_workers, worker_slots=config.worker_slots,
                                       max_queued=config.max_queued))
         self.handlers = RequestHandlers(self)
+        self.intake = Intake(self)
         self.waiters: list[Waiter] = []
         self.outbox: list[tuple[zmq.Socket[bytes], list[bytes], bool]] = []
         self.pending_kills: dict[str, PendingKill] = {}
@@ -121,6 +126,9 @@ class Daemon:
         self.exit_code = 0
         self._last_hb_sent = 0.0
         self._last_pool_check = 0.0
+        self.hearing = HearingClock(min(TURN_ALLOWANCE, config.heartbeat))
+        """Workers' ``last_seen`` is on this clock: time this loop could not listen is not silence."""
+        self.worst_turn = 0.0
         self.endpoints = Endpoints.for_runtime(config.runtime_dir)
         self.journal: Journal
         self.outputs: OutputStore
@@ -133,6 +141,7 @@ class Daemon:
         cfg = self.config
         self.retention = Retention(self.journal, self.outputs, cfg.retain_days, cfg.retain_count,
                                    cfg.retain_bytes, last_run=time.monotonic())
+        forget_interrupted(self)
         groups = self.journal.get_meta("group_limits") or {}
         self.sched.group_limits.update(groups)
 
@@ -150,6 +159,7 @@ class Daemon:
             self.control.setsockopt(zmq.SNDHWM, 10_000)
             self.workers_sock = ctx.socket(zmq.ROUTER)
             self.workers_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self.workers_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
             self.workers_sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_WORKER_MESSAGE_BYTES)
             self.workers_sock.setsockopt(zmq.LINGER, 500)
             self.stream = ctx.socket(zmq.XPUB)
@@ -290,7 +300,7 @@ class Daemon:
                 raise BadRequest(f"expected exactly one message frame, got {len(body_frames)}")
             msg = codec.unpack(body_frames[0])
             request_id = request_id_of(msg)
-            req = parse_request(msg)
+            req = parse_request(msg, check_batch=False)  # big batches are checked in slices (intake.py)
         except EffectdError as exc:
             self.reply_error(ident, request_id, exc)
             return
@@ -389,7 +399,7 @@ class Daemon:
         if worker is None or worker.state is WorkerState.DEAD:
             self.queue_send(self.workers_sock, [frames[0], codec.pack({"t": "reset"})], durable=False)
             return
-        worker.last_seen = time.monotonic()
+        worker.last_seen = self.hearing.now()
         if kind == "hb":
             worker.effects_done = msg.get("effects_done") or worker.effects_done
         elif kind == "started":
@@ -426,7 +436,7 @@ class Daemon:
             worker.state = WorkerState.READY
         worker.pid = msg["pid"]
         worker.slots = msg["slots"]
-        worker.last_seen = time.monotonic()
+        worker.last_seen = self.hearing.now()
         worker.idle_since = worker.idle_since or time.monotonic()
         worker.effects_done = msg.get("effects_done") or 0
         for report in msg.get("finished") or []:
@@ -531,13 +541,7 @@ class Daemon:
             worker = self.sched.workers.get(wid)
             if worker is not None:
                 self.worker_lost(worker, f"exited with status {status}")
-        liveness = self.config.heartbeat * HEARTBEAT_LIVENESS
-        for worker in list(self.sched.workers.values()):
-            silent = now - worker.last_seen
-            if worker.state is WorkerState.STARTING and silent > WORKER_START_TIMEOUT:
-                self.worker_lost(worker, "never became ready")
-            elif worker.state in (WorkerState.READY, WorkerState.STOPPING) and silent > liveness:
-                self.worker_lost(worker, f"silent for {silent:.1f}s")
+        self.check_liveness()
         if now - self._last_hb_sent >= self.config.heartbeat:
             self._last_hb_sent = now
             for worker in self.sched.workers.values():
@@ -571,6 +575,23 @@ class Daemon:
             self.notifier.ready()
         self.notifier.tick()
 
+    def check_liveness(self) -> None:
+        """Declare lost the workers silent for ``HEARTBEAT_LIVENESS`` heartbeats of listening time.
+
+        What workers already sent is read first: during a long turn it queued unread, and a
+        worker must never be blamed for the loop's own silence. Silence is measured on the
+        hearing clock, which stops while this process was stopped or stalled (liveness.py)."""
+        if not self._drain(self.workers_sock, self.on_worker):
+            return  # more is queued than one batch: judge once it has been read
+        heard = self.hearing.now()
+        liveness = self.config.heartbeat * HEARTBEAT_LIVENESS
+        for worker in list(self.sched.workers.values()):
+            silent = heard - worker.last_seen
+            if worker.state is WorkerState.STARTING and silent > WORKER_START_TIMEOUT:
+                self.worker_lost(worker, "never became ready")
+            elif worker.state in (WorkerState.READY, WorkerState.STOPPING) and silent > liveness:
+                self.worker_lost(worker, f"silent for {silent:.1f}s")
+
     def recent_crashes(self) -> int:
         now = time.monotonic()
         while self.crash_times and now - self.crash_times[0] > CRASH_WINDOW:
@@ -594,7 +615,7 @@ class Daemon:
         if spawn and now >= self.spawn_not_before:
             for _ in range(spawn):
                 wid, pid = self.procs.spawn()
-                self.sched.add_worker(Worker(id=wid, pid=pid, last_seen=now))
+                self.sched.add_worker(Worker(id=wid, pid=pid, last_seen=self.hearing.now()))
 
     def maintain_pool(self, now: float) -> None:
         if self.draining:
@@ -678,7 +699,7 @@ class Daemon:
     # ---- loop -----------------------------------------------------------------------------
 
     def poll_timeout(self) -> int:
-        if self.outbox or self.journal.dirty:
+        if self.outbox or self.journal.dirty or self.intake.busy:
             return 0
         timeout = self.config.heartbeat / 2
         now = time.monotonic()
@@ -699,7 +720,13 @@ class Daemon:
         for sock in (self.control, self.workers_sock, self.stream, self.publish):
             poller.register(sock, zmq.POLLIN)
         while not self.stop_requested:
-            events = dict(poller.poll(self.poll_timeout()))
+            timeout_ms = self.poll_timeout()
+            events = dict(poller.poll(timeout_ms))
+            turn_started = time.monotonic()
+            deaf = self.hearing.turn(timeout_ms / 1000)
+            if deaf:
+                log.warning("the loop could not listen for %.1fs (stopped or stalled); workers' liveness "
+                            "windows are extended by that much", deaf)
             if self.workers_sock in events:
                 self._drain(self.workers_sock, self.on_worker)
             if self.control in events:
@@ -708,16 +735,27 @@ class Daemon:
                 self._forward_chunks()
             if self.stream in events:
                 self._forward_subscriptions()
+            if self.intake.busy:
+                self.intake.step()
             self.tick()
             self.flush()
+            self._note_turn(time.monotonic() - turn_started)
 
-    def _drain(self, sock: zmq.Socket[bytes], handler: Any) -> None:
+    def _note_turn(self, seconds: float) -> None:
+        if seconds > self.worst_turn:
+            self.worst_turn = seconds
+            if seconds > TURN_WARNING:
+                log.warning("a loop turn took %.2fs (the longest so far)", seconds)
+
+    def _drain(self, sock: zmq.Socket[bytes], handler: Any) -> bool:
+        """Handle up to MAX_BATCH messages; True if the socket was emptied."""
         for _ in range(MAX_BATCH):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return True
             handler(frames)
+        return False
 
     def _forward_chunks(self) -> None:
         for _ in range(MAX_BATCH):
@@ -749,6 +787,8 @@ class Daemon:
             self.reply_error(waiter.ident, waiter.request_id,
                              Unavailable("the daemon stopped while this wait was parked; wait again"))
         self.waiters = []
+        self.intake.abandon(Unavailable("the daemon stopped before this batch was journaled; nothing of it was "
+                                        "submitted"))
         self.flush()
         if self.journal_lost is None:
             self.procs.wait_all(timeout=5.0)

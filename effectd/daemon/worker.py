@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from effectd.daemon import runners
+from effectd.daemon.liveness import TURN_ALLOWANCE, HearingClock
 from effectd.daemon.output import DEFAULT_MAX_OUTPUT_BYTES, OutputWriter
 from effectd.daemon.proctree import become_subreaper, reap_orphan_zombies
 from effectd.daemon.runners import Chunk, Phase, PythonRun, Run, ShellRun, SleepRun
@@ -67,6 +69,11 @@ class Worker:
         self.kill_grace = kill_grace
         self.heartbeat = heartbeat
         self.ctx = zmq.Context()
+        self.transport_up = False
+        """The DEALER's connection to the daemon's socket is established (from its monitor)."""
+        self.replaced_dealer = False
+        """The DEALER was replaced during the current silence of the daemon."""
+        self.monitor: zmq.Socket[bytes]
         self.dealer: zmq.Socket[bytes] = self._new_dealer()
         self.pub: zmq.Socket[bytes] = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.SNDHWM, stream_hwm())
@@ -75,7 +82,10 @@ class Worker:
         self.runs: dict[str, Run] = {}
         self.unacked: dict[str, dict[str, Any]] = {}
         self.effects_done = 0
-        self.last_heard = time.monotonic()
+        # Silence of the daemon is measured on this clock: while this worker itself was stopped
+        # or stalled it could not hear the daemon, and that is not the daemon's silence.
+        self.hearing = HearingClock(min(TURN_ALLOWANCE, heartbeat))
+        self.last_heard = self.hearing.now()
         self.last_sent = 0.0
         self.last_resend = time.monotonic()
         self.last_reap = 0.0
@@ -94,8 +104,28 @@ class Worker:
         sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
         sock.setsockopt(zmq.LINGER, 2000)
         sock.setsockopt(zmq.SNDHWM, 100_000)
+        # The monitor tells a daemon that is silent but still connected (stopped, paused, busy:
+        # the same process, that will read what we queue) from one whose socket is gone.
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.transport_up = False
         sock.connect(self.endpoints.workers)
         return sock
+
+    def _close_dealer(self, linger: int) -> None:
+        self.dealer.disable_monitor()
+        self.monitor.close(linger=0)
+        self.dealer.close(linger=linger)
+
+    def _read_monitor(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self.transport_up = True
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self.transport_up = False
 
     def send(self, msg: dict[str, Any]) -> None:
         try:
@@ -168,7 +198,8 @@ class Worker:
     # ---- daemon messages ------------------------------------------------------------------
 
     def handle(self, raw: bytes) -> None:
-        self.last_heard = time.monotonic()
+        self.last_heard = self.hearing.now()
+        self.replaced_dealer = False
         if not self.connected:
             self.connected = True
             self.disconnected_since = None
@@ -274,6 +305,7 @@ class Worker:
                 break
             poller = zmq.Poller()
             poller.register(self.dealer, zmq.POLLIN)
+            poller.register(self.monitor, zmq.POLLIN)
             poller.register(self._wake_r, zmq.POLLIN)
             for fd in self._capture:
                 poller.register(fd, zmq.POLLIN)
@@ -287,13 +319,14 @@ class Worker:
             if deadlines:
                 wait = min(wait, max(0.0, min(deadlines) - now))
             events = dict(poller.poll(int(wait * 1000) + 1))
+            deaf = self.hearing.turn(wait)
+            if deaf:
+                log.warning("this worker could not listen for %.1fs (stopped or stalled); not the daemon's silence",
+                            deaf)
+            if self.monitor in events:
+                self._read_monitor()
             if self.dealer in events:
-                for _ in range(1000):
-                    try:
-                        raw = self.dealer.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self.handle(raw)
+                self._read_daemon()
             if self._wake_r in events:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
@@ -323,21 +356,40 @@ class Worker:
         self.close()
         return 0
 
+    def _read_daemon(self) -> None:
+        for _ in range(1000):
+            try:
+                raw = self.dealer.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.handle(raw)
+
     def _heartbeat(self, now: float) -> None:
-        silent = now - self.last_heard
-        if silent > self.heartbeat * HEARTBEAT_LIVENESS:
+        """``now`` is monotonic time (for our own sending); the daemon's silence and the orphan
+        timeout are measured on the hearing clock."""
+        heard = self.hearing.now()
+        liveness = self.heartbeat * HEARTBEAT_LIVENESS
+        if heard - self.last_heard > liveness and self.connected:
+            self._read_daemon()  # what the daemon already sent is not silence
+        silent = heard - self.last_heard
+        if silent > liveness:
+            self._read_monitor()
             if self.connected:
-                log.warning("daemon silent for %.1fs; keeping effects running, reconnecting", silent)
+                log.warning("daemon silent for %.1fs; keeping effects running%s", silent,
+                            "; still connected, so waiting for it" if self.transport_up else ", reconnecting")
                 self.connected = False
-                self.disconnected_since = now
+                self.disconnected_since = heard
+            if not self.transport_up and not self.replaced_dealer:
                 # zmq reconnects the transport by itself, but a new daemon does not know us:
-                # a fresh socket plus READY re-registers (and re-reports our effects).
-                self.dealer.setsockopt(zmq.LINGER, 0)
-                self.dealer.close()
+                # a fresh socket plus READY re-registers (and re-reports our effects). While the
+                # connection stands, the daemon is the same process, merely not reading: a new
+                # socket would only drop what is queued for it.
+                self._close_dealer(linger=0)
                 self.dealer = self._new_dealer()
-            if self.disconnected_since is not None and now - self.disconnected_since > self.orphan_timeout:
+                self.replaced_dealer = True
+            if self.disconnected_since is not None and heard - self.disconnected_since > self.orphan_timeout:
                 log.error("no daemon for %.0fs (orphan timeout): killing effects and exiting",
-                          now - self.disconnected_since)
+                          heard - self.disconnected_since)
                 self.orphaned()
                 return
             if now - self.last_sent >= self.heartbeat:
@@ -366,7 +418,7 @@ class Worker:
 
     def close(self) -> None:
         self.send({"t": "bye", "reason": "stopping"})
-        self.dealer.close(linger=1000)
+        self._close_dealer(linger=1000)
         self.pub.close(linger=0)
         self.ctx.term()
 

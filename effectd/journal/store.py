@@ -212,6 +212,41 @@ class Journal:
             (eid, event, time.time(), None if payload is None else _pack(payload)),
         )
 
+    def _write_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        self._begin()
+        try:
+            self._db.executemany(sql, rows)
+        except sqlite3.OperationalError as exc:
+            raise DiskFull(f"journal write failed: {exc}") from exc
+
+    @staticmethod
+    def new_effect_rows(records: Iterable[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+        """Rows for :meth:`put_new_effects`, packed ahead (packing is most of the cost)."""
+        return [(r["id"], r["state"], r.get("name"), r["submitted_at"], r.get("finished_at"), _pack(dict(r)))
+                for r in records]
+
+    def put_new_effects(self, rows: list[tuple[Any, ...]]) -> None:
+        """Many new effects at once (a batch): their rows and 'submitted' events, but not their
+        labels, which :meth:`put_labels` wrote in earlier slices."""
+        now = time.time()
+        self._write_many("INSERT INTO effects (id, state, name, submitted_at, finished_at, record)"
+                         " VALUES (?, ?, ?, ?, ?, ?)", rows)
+        self._write_many("INSERT INTO events (effect_id, type, time, payload) VALUES (?, ?, ?, ?)",
+                         [(row[0], "submitted", now, None) for row in rows])
+
+    def put_labels(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """The label rows of new effects (rows without an effect are invisible to every query)."""
+        self._write_many("INSERT OR REPLACE INTO labels VALUES (?, ?, ?)",
+                         [(r["id"], k, v) for r in records for k, v in (r.get("labels") or {}).items()])
+
+    def delete_orphan_labels(self, low: str, high: str) -> int:
+        """Label rows with ids in [low, high] whose effect was never written (an interrupted batch)."""
+        self._begin()
+        cur = self._db.execute("DELETE FROM labels WHERE effect_id BETWEEN ? AND ?"
+                               " AND effect_id NOT IN (SELECT id FROM effects WHERE id BETWEEN ? AND ?)",
+                               (low, high, low, high))
+        return cur.rowcount
+
     def put_request_key(self, key: str, ids: list[str], created: float | None = None) -> None:
         self._write("INSERT INTO request_keys (key, ids, created) VALUES (?, ?, ?)",
                     (key, _pack(ids), time.time() if created is None else created))
