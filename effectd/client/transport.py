@@ -54,7 +54,7 @@ class ReqChannel:
         attempts = 1 + (self.retries if retries is None else retries)
         for _ in range(attempts):
             sock = self._socket()
-            sock.send(data, zmq.NOBLOCK)  # never EAGAIN: one request on a fresh pipe, no IMMEDIATE
+            sock.send(data, zmq.NOBLOCK)  # never EAGAIN: a REQ queues one request, and no IMMEDIATE
             if sock.poll(int(wait * 1000), zmq.POLLIN):
                 reply = codec.unpack(sock.recv(), max_bytes=codec.MAX_WORKER_MESSAGE_BYTES)
                 if not isinstance(reply, dict):

@@ -39,7 +39,8 @@ def stream_hwm(environ: Mapping[str, str] | None = None) -> int:
 
 
 MAX_SUBSCRIPTION_BYTES = 4096
-"""The daemon's stream socket drops a subscriber that sends a longer message (ZMQ_MAXMSGSIZE)."""
+"""The daemon's stream socket drops a subscriber that sends a longer message (the MAXMSGSIZE of
+the XPUB in daemon/server.py ``bind``, which must stay equal to this)."""
 MAX_SUBSCRIPTION_TOPIC_BYTES = MAX_SUBSCRIPTION_BYTES - len(b"\x09SUBSCRIBE")
 """The longest topic that fits: ZMTP 3.1 sends a subscription as a SUBSCRIBE command (10 bytes
 of name before the topic). A longer one gets the SUB socket disconnected, and it re-sends the
