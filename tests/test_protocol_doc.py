@@ -7,6 +7,7 @@ the reference clients held to the same rules.
 * The §9 loop handles every message it receives, also after a quiet period (progress events).
 * A subscription topic over the stream socket's limit is refused client-side (§8.1).
 * ``sizes`` after retries is whole-file, for the streams the last attempt wrote (§7.1).
+* A restart shows only in ``hello.instance``; subscriptions come back by themselves (§10.4).
 """
 
 from __future__ import annotations
@@ -156,4 +157,28 @@ def test_sizes_after_retries_are_whole_files_of_streams_the_last_attempt_wrote(d
         assert doc.read_output(eid, "stdout", 0, 64)["data"] == b"first\nsecond\n"
         assert doc.read_output(eid, "stderr", 0, 1)["size"] == 5
     finally:
+        doc.close()
+
+
+@pytest.mark.timeout(60)
+def test_restart_is_visible_only_in_instance_and_subscriptions_come_back(daemon: Any) -> None:
+    """§10.4: across a daemon restart, the same REQ socket just gets answers (no timeout, no
+    error: only ``hello.instance`` tells), and a SUB socket gets a new ``subscribed`` event."""
+    doc = DocClient(daemon.runtime)
+    ctx = zmq.Context()
+    try:
+        first = doc.call("hello")["instance"]
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.connect(f"ipc://{daemon.runtime}/stream.sock")
+        sub.setsockopt(zmq.SUBSCRIBE, b"0" * 26)
+        assert sub.poll(10_000, zmq.POLLIN)
+        assert unpack(sub.recv_multipart()[1])["event"] == "subscribed"
+        assert daemon.stop() == 0
+        daemon.start()
+        assert doc.call("hello")["instance"] != first
+        assert sub.poll(10_000, zmq.POLLIN), "no 'subscribed' event after the restart"
+        assert unpack(sub.recv_multipart()[1])["event"] == "subscribed"
+    finally:
+        ctx.destroy(linger=0)
         doc.close()
