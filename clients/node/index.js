@@ -19,6 +19,12 @@ export const FINAL_STATES = Object.freeze(["succeeded", "failed", "cancelled", "
 export const MAX_REQUEST_BYTES = 16 * 1024 * 1024;
 /** `sun_path` limit for an ipc socket path (§1.1). */
 export const MAX_SOCKET_PATH_BYTES = 107;
+/**
+ * Longest subscription topic the daemon's stream socket accepts (§8.1): its 4096-byte message
+ * limit minus the 10 bytes of the ZMTP 3.1 SUBSCRIBE command name. A longer subscription gets
+ * the SUB socket disconnected on every reconnect, silently and for good.
+ */
+export const MAX_SUBSCRIPTION_TOPIC_BYTES = 4096 - 10;
 /** Effect ids: 26-character upper-case Crockford base32 ULIDs (§5). */
 export const EFFECT_ID_RE = /^[0-9A-HJKMNP-TV-Z]{26}$/;
 
@@ -115,6 +121,19 @@ function endpoint(dir, name) {
       `socket path ${path} is longer than ${MAX_SOCKET_PATH_BYTES} bytes: no daemon can use this runtime dir`);
   }
   return `ipc://${path}`;
+}
+
+/**
+ * Refuse a subscription topic the daemon would answer by disconnecting the SUB socket (§8.1).
+ * @param {unknown} topic
+ */
+export function checkTopic(topic) {
+  if (typeof topic !== "string") return;
+  const bytes = Buffer.byteLength(topic);
+  if (bytes > MAX_SUBSCRIPTION_TOPIC_BYTES) {
+    throw new EffectdError("bad_request", `subscription topic is ${bytes} bytes, longer than ` +
+      `${MAX_SUBSCRIPTION_TOPIC_BYTES} bytes: the daemon would disconnect the SUB socket for good`);
+  }
 }
 
 /** @param {unknown} v @returns {v is Record<string, unknown>} */
@@ -352,7 +371,9 @@ export class EffectdClient {
     if (this._dealer === null) {
       const address = endpoint(this.runtimeDir, "control.sock");
       if (this.checkDir) checkRuntimeDir(this.runtimeDir);
-      const dealer = new Dealer({ linger: 0, immediate: true, sendTimeout: Math.ceil(this.timeout * 1000) });
+      // Not `immediate` (§1.2): with it, replies already received but not yet read are dropped
+      // when the daemon disconnects (e.g. the answers to parked waits of a daemon that stops).
+      const dealer = new Dealer({ linger: 0, sendTimeout: Math.ceil(this.timeout * 1000) });
       dealer.connect(address);
       this._dealer = dealer;
       this._receiveReplies(dealer);
@@ -681,6 +702,7 @@ export class EffectdClient {
    * @returns {AsyncGenerator<StreamChunk | {stream: "event", event: string, header: Record<string, any>}>}
    */
   async *stream(id, opts = {}) {
+    checkTopic(id);
     if (typeof id !== "string" || !EFFECT_ID_RE.test(id)) {
       throw new EffectdError("bad_request", `not an effect id: ${JSON.stringify(id)}`);
     }

@@ -52,7 +52,7 @@ from effectd.client.spec import python_spec, shell_spec, sleep_spec
 from effectd.client.sync import DEFAULT_RETRIES, DEFAULT_TIMEOUT, WAIT_SLICE
 from effectd.client.transport import batch_reply_timeout
 from effectd.ipc import codec
-from effectd.ipc.endpoints import Endpoints, runtime_dir, state_dir, stream_hwm
+from effectd.ipc.endpoints import Endpoints, check_topic, runtime_dir, state_dir, stream_hwm
 from effectd.ipc.errors import DaemonUnavailable, EffectdError, TooLarge, error_from_wire
 from effectd.ipc.schema import EffectState, build_request
 
@@ -463,6 +463,7 @@ class AsyncClient:
         SUB socket is closed when the iteration ends, fails or is cancelled (use
         ``contextlib.aclosing`` when breaking out early to close it at once)."""
         f = Follower.start(streams, from_offset)
+        topic = check_topic(effect_id.encode())
         await self.connect()
         if self._closed:
             raise DaemonUnavailable("the client is closed")
@@ -475,7 +476,7 @@ class AsyncClient:
             sub.setsockopt(zmq.LINGER, 0)
             sub.setsockopt(zmq.RCVHWM, stream_hwm())
             sub.connect(self.endpoints.stream)
-            sub.setsockopt(zmq.SUBSCRIBE, effect_id.encode())
+            sub.setsockopt(zmq.SUBSCRIBE, topic)
             recv = asyncio.ensure_future(sub.recv_multipart())
             # The daemon answers a subscription with a 'subscribed' event: from then on nothing
             # published is missed (and anything earlier is in the store). The frame that ends

@@ -17,7 +17,7 @@ from effectd.client.follow import FINISHED, IDLE_CHECK, SUBSCRIBED_WAIT, Followe
 from effectd.client.records import Chunk, EffectRecord, OutputSlice
 from effectd.client.spec import python_spec, shell_spec, sleep_spec
 from effectd.client.transport import ReqChannel, batch_reply_timeout
-from effectd.ipc.endpoints import Endpoints, runtime_dir, state_dir, stream_hwm
+from effectd.ipc.endpoints import Endpoints, check_topic, runtime_dir, state_dir, stream_hwm
 from effectd.ipc.errors import DaemonUnavailable
 from effectd.ipc.schema import EffectState, build_request
 
@@ -229,12 +229,13 @@ class Client:
         Subscribes first, replays what is stored, then continues live; gaps (dropped PUB
         messages) are filled from the store, duplicates dropped. Exact by construction."""
         f = Follower.start(streams, from_offset)
+        topic = check_topic(effect_id.encode())
         self.connect()
         sub: zmq.Socket[bytes] = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, stream_hwm())
         sub.connect(self.endpoints.stream)
-        sub.setsockopt(zmq.SUBSCRIBE, effect_id.encode())
+        sub.setsockopt(zmq.SUBSCRIBE, topic)
         try:
             # The daemon answers a subscription with a 'subscribed' event: from then on nothing
             # published is missed (and anything earlier is in the store).

@@ -44,7 +44,10 @@ class ReqChannel:
         if self._sock is None:
             sock: zmq.Socket[bytes] = self.ctx.socket(zmq.REQ)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)
+            # No IMMEDIATE: with it, libzmq drops the replies still queued unread on this socket
+            # when the daemon disconnects (a daemon that answers and exits), and a send blocks
+            # while no daemon is connected. Without it, a request waits in the pipe for a daemon
+            # and the reply timeout covers the rest.
             sock.connect(self.endpoint)
             self._sock = sock
         return self._sock
@@ -61,14 +64,7 @@ class ReqChannel:
         attempts = 1 + (self.retries if retries is None else retries)
         for _ in range(attempts):
             sock = self._socket()
-            try:
-                sock.send(data, zmq.NOBLOCK)
-            except zmq.Again:
-                # IMMEDIATE: no connected daemon yet; wait for one as if the reply was late.
-                if not sock.poll(int(wait * 1000), zmq.POLLOUT):
-                    self.reset()
-                    continue
-                sock.send(data, zmq.NOBLOCK)
+            sock.send(data, zmq.NOBLOCK)  # never EAGAIN: a REQ queues one request, and no IMMEDIATE
             if sock.poll(int(wait * 1000), zmq.POLLIN):
                 reply = codec.unpack(sock.recv(), max_bytes=codec.MAX_WORKER_MESSAGE_BYTES)
                 if not isinstance(reply, dict):

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from effectd.ipc.errors import BadRequest
+
 RUNTIME_ENV = "EFFECTD_RUNTIME_DIR"
 STATE_ENV = "EFFECTD_STATE_DIR"
 
@@ -34,6 +36,23 @@ def stream_hwm(environ: Mapping[str, str] | None = None) -> int:
         return max(1, int(env.get("EFFECTD_STREAM_HWM", DEFAULT_STREAM_HWM)))
     except ValueError:
         return DEFAULT_STREAM_HWM
+
+
+MAX_SUBSCRIPTION_BYTES = 4096
+"""The daemon's stream socket drops a subscriber that sends a longer message (the MAXMSGSIZE of
+the XPUB in daemon/server.py ``bind``, which must stay equal to this)."""
+MAX_SUBSCRIPTION_TOPIC_BYTES = MAX_SUBSCRIPTION_BYTES - len(b"\x09SUBSCRIBE")
+"""The longest topic that fits: ZMTP 3.1 sends a subscription as a SUBSCRIBE command (10 bytes
+of name before the topic). A longer one gets the SUB socket disconnected, and it re-sends the
+same subscription on every reconnect, so that socket never receives anything again."""
+
+
+def check_topic(topic: bytes) -> bytes:
+    """Refuse a subscription the daemon would answer by disconnecting the SUB socket for good."""
+    if len(topic) > MAX_SUBSCRIPTION_TOPIC_BYTES:
+        raise BadRequest(f"subscription topic is {len(topic)} bytes, longer than {MAX_SUBSCRIPTION_TOPIC_BYTES} "
+                         "bytes: the daemon would disconnect the SUB socket for good")
+    return topic
 
 
 # Linux sockaddr_un.sun_path is 108 bytes including the NUL.

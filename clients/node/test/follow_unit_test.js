@@ -6,7 +6,7 @@ import { test } from "node:test";
 
 import { encode } from "@msgpack/msgpack";
 
-import { followEffect } from "../index.js";
+import { EffectdClient, MAX_SUBSCRIPTION_TOPIC_BYTES, followEffect } from "../index.js";
 
 const ID = "01M848HB4626J12A19R3GWX886";
 
@@ -227,4 +227,36 @@ test("many chunks with random drops, duplicates and interleaving stay exact", as
   const { out } = await run(fake);
   assert.equal(out.stdout, fake.files.stdout.toString());
   assert.equal(out.stderr, fake.files.stderr.toString());
+});
+
+test("a message received when the idle check is due is still handled (§9 step 5)", async () => {
+  // Progress events never advance a stream: each one arrives after a quiet period, with the
+  // store check due. The check must run and the message must still be handled, not dropped.
+  const realNow = Date.now;
+  let now = realNow();
+  Date.now = () => now;
+  try {
+    const fake = new FakeDaemon().subscribed().running();
+    for (let i = 1; i <= 4; i++) {
+      fake.idle();
+      fake.script.push(() => { now += 10_000; return FakeDaemon.msg({ stream: "event", event: "progress", message: `step ${i}` }); });
+    }
+    fake.chunk("stdout", "done\n").finished();
+    const progress = [];
+    const gen = followEffect(fake.ops(), ID, { receive: (ms) => fake.receive(ms), events: true, idleMs: 1 });
+    for await (const c of gen) if (c.stream === "event" && c.event === "progress") progress.push(c.header.message);
+    assert.deepEqual(progress, ["step 1", "step 2", "step 3", "step 4"]);
+  } finally {
+    Date.now = realNow;
+  }
+});
+
+test("a subscription topic over the stream socket's limit is refused before subscribing", async () => {
+  const client = new EffectdClient({ runtimeDir: "/nonexistent-effectd", checkRuntimeDir: false });
+  try {
+    await assert.rejects(client.stream("X".repeat(MAX_SUBSCRIPTION_TOPIC_BYTES + 1)).next(),
+      (err) => err.code === "bad_request" && err.message.includes(`longer than ${MAX_SUBSCRIPTION_TOPIC_BYTES} bytes`));
+  } finally {
+    client.close();
+  }
 });
