@@ -1,0 +1,60 @@
+"""Exit status truth: an effect's reported exit status is the one its process really had.
+
+A worker hosts many effects; their main processes are all its children, and (as a subreaper) so
+are the orphans those effects leave behind. Only the owner of a pid may collect its exit status:
+anything else that reaps it (a tree kill, the orphan reaper) makes the owner's ``waitpid`` fail
+with ECHILD, which ``subprocess.Popen`` reports as exit code 0 - a failed effect reported as
+``succeeded``. These tests run the reproduction of issue 13.1 against a real daemon.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from effectd.client import EffectState, python_spec, shell_spec
+from tests.conftest import DaemonHandle
+
+EXIT3 = "sleep 0.3; exit 3"
+# Leaves a SIGTERM-ignoring process behind: the worker tree-kills it (SIGKILL after the grace)
+# while other effects' main processes exit around it.
+LEAVER = "(trap '' TERM; while :; do sleep 0.1; done) >/dev/null 2>&1 </dev/null & exit 0"
+ROUNDS = 3
+PER_ROUND = 100
+LEAVERS_PER_ROUND = 10
+
+
+def _misreported(records: list[Any]) -> list[str]:
+    return [f"{r.id}: {r.state.value} exit_code={r.exit_code} reason={r.reason}" for r in records
+            if (r.state, r.exit_code) != (EffectState.FAILED, 3)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_exit_status_never_misreported_beside_leftover_kills(daemon_factory: Any) -> None:
+    d: DaemonHandle = daemon_factory()  # default daemon: the reproduction's conditions
+    c = d.client()
+    bad: list[str] = []
+    for _ in range(ROUNDS):
+        specs = []
+        for i in range(PER_ROUND):
+            specs.append(shell_spec(EXIT3, name="exit3"))
+            if i % (PER_ROUND // LEAVERS_PER_ROUND) == 0:
+                specs.append(shell_spec(LEAVER, name="leaver"))
+        ids = c.submit_many(specs)
+        records = c.wait_many(ids, timeout=90)
+        assert all(r.final for r in records), [r.state for r in records if not r.final]
+        bad += _misreported([r for r in records if r.name == "exit3"])
+        leavers = [r for r in records if r.name == "leaver"]
+        assert all(r.state is EffectState.SUCCEEDED for r in leavers), [(r.state, r.reason) for r in leavers]
+    assert not bad, f"{len(bad)}/{ROUNDS * PER_ROUND} exit-3 effects misreported: {bad[:5]}"
+
+
+@pytest.mark.timeout(30)
+def test_python_effect_collects_its_own_subprocess_status(daemon: DaemonHandle) -> None:
+    c = daemon.client()
+    ids = [c.submit(python_spec("exit_truth_effects:child_exit_status", [3])) for _ in range(3)]
+    records = c.wait_many(ids, timeout=20)
+    assert [(r.state, r.result) for r in records] == [(EffectState.SUCCEEDED, 3)] * 3, \
+        [(r.state.value, r.result, r.error) for r in records]
