@@ -9,12 +9,23 @@ with ECHILD, which ``subprocess.Popen`` reports as exit code 0 - a failed effect
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from effectd.client import EffectState, python_spec, shell_spec
-from tests.conftest import DaemonHandle
+from effectd.daemon.ids import UlidGenerator
+from effectd.daemon.output import OutputWriter
+from effectd.daemon.proctree import collect_exit_status
+from effectd.daemon.runners import EXIT_STATUS_UNKNOWN, ShellRun
+from effectd.ipc.schema import check_finish
+from tests.conftest import DaemonHandle, wait_until
 
 EXIT3 = "sleep 0.3; exit 3"
 # Leaves a SIGTERM-ignoring process behind: the worker tree-kills it (SIGKILL after the grace)
@@ -58,3 +69,48 @@ def test_python_effect_collects_its_own_subprocess_status(daemon: DaemonHandle) 
     records = c.wait_many(ids, timeout=20)
     assert [(r.state, r.result) for r in records] == [(EffectState.SUCCEEDED, 3)] * 3, \
         [(r.state.value, r.result, r.error) for r in records]
+
+
+def _tick_until_done(run: ShellRun, timeout: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while run.report is None:
+        assert time.monotonic() < deadline, "run did not finish"
+        for fd in run.fds():
+            run.on_readable(fd)
+        run.tick(time.time())
+        time.sleep(0.01)  # bounded poll of a run driven by hand (no worker loop here)
+    return run.report
+
+
+@pytest.mark.timeout(20)
+def test_unknowable_exit_status_is_lost_never_success(tmp_path: Path) -> None:
+    """If the main pid was reaped behind the run's back (ECHILD), the run ends ``lost`` with
+    reason ``exit_status_unknown`` - and the daemon's schema accepts that report."""
+    run = ShellRun(UlidGenerator().new(), 1, {"kind": "shell", "command": "exit 3"},
+                   OutputWriter(tmp_path / "out"), kill_grace=1.0, base_env=dict(os.environ))
+    assert run.pid is not None
+    wait_until(lambda: psutil.Process(run.pid).status() == psutil.STATUS_ZOMBIE, what="zombie")
+    os.waitpid(run.pid, 0)  # a thief: the status is gone for good
+    report = _tick_until_done(run)
+    assert (report["state"], report["reason"]) == ("lost", EXIT_STATUS_UNKNOWN)
+    assert report.get("exit_code") is None
+    assert check_finish(report)["state"] == "lost"
+
+
+@pytest.mark.timeout(20)
+def test_collect_exit_status_reaps_only_its_pid(tmp_path: Path) -> None:
+    a = subprocess.Popen(["sh", "-c", "exit 3"])
+    b = subprocess.Popen(["sh", "-c", "kill -9 $$"])
+    try:
+        for p in (a, b):
+            wait_until(lambda p=p: psutil.Process(p.pid).status() == psutil.STATUS_ZOMBIE, what="zombie")
+        fd = os.pidfd_open(a.pid)
+        try:
+            assert collect_exit_status(a.pid, fd) == (True, 3)
+        finally:
+            os.close(fd)
+        assert psutil.Process(b.pid).status() == psutil.STATUS_ZOMBIE  # untouched
+        assert collect_exit_status(b.pid) == (True, -signal.SIGKILL)
+        assert collect_exit_status(b.pid) == (True, None)  # already collected: unknowable now
+    finally:
+        a.returncode = b.returncode = -1  # collected above: Popen must not wait on the pids again

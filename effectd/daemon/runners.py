@@ -28,11 +28,20 @@ import msgpack
 import psutil
 
 from effectd.daemon.output import OutputWriter
-from effectd.daemon.proctree import EFFECT_MARKER_ENV, ProcessIdentity, TreeKill, own_children
+from effectd.daemon.proctree import (
+    EFFECT_MARKER_ENV,
+    ProcessIdentity,
+    TreeKill,
+    collect_exit_status,
+    own_children,
+)
 from effectd.ipc import codec
 
 READ_CHUNK = 64 * 1024
 MAX_RESULT_BYTES = 16 * 1024 * 1024
+EXIT_STATUS_UNKNOWN = "exit_status_unknown"
+"""Reason of a run that ends ``lost`` because its main process's exit status could not be
+collected (ECHILD): never reported as success."""
 LEFTOVER_GRACE = 1.0
 """Seconds a background process left behind by a finished shell effect gets between SIGTERM and
 SIGKILL: an effect ends when its main process exits, and nothing it started may outlive it."""
@@ -185,6 +194,7 @@ class ShellRun(Run):
         self._pipe_files: dict[int, Any] = {}
         self._pidfd = -1
         self._exit_status: int | None = None
+        self._collected = False  # the main pid's status was collected (or is known to be lost)
         self._kill: TreeKill | None = None
         self._leftover_kill: TreeKill | None = None
         self.spawn_error: dict[str, Any] | None = None
@@ -349,14 +359,22 @@ class ShellRun(Run):
         return []
 
     def _reap(self) -> None:
-        if self.proc is None or self._exit_status is not None:
+        """Collect the main process's exit status: only here, only for its pid (never through
+        ``Popen.poll``, which turns ECHILD into exit code 0)."""
+        if self.proc is None or self.pid is None or self._collected:
             return
-        status = self.proc.poll()
-        if status is not None:
-            self._exit_status = status
-            if self._pidfd >= 0:
-                os.close(self._pidfd)
-                self._pidfd = -1
+        done, status = collect_exit_status(self.pid, self._pidfd)
+        if not done:
+            return
+        self._collected = True
+        self._exit_status = status
+        # Popen must never wait on this pid again: once reaped it may belong to another
+        # process (and a Popen dropped un-waited is waited on by pid from CPython's cleanup).
+        # Its returncode is only that flag here; the run's report holds the truth.
+        self.proc.returncode = status if status is not None else -1
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
 
     def _has_leftovers(self) -> bool:
         """Did the effect leave processes behind? The worker is their subreaper, so any survivor
@@ -372,16 +390,16 @@ class ShellRun(Run):
                     return True
         return False
 
-    def protected_pids(self) -> set[int]:
-        return {self.pid} if self.pid is not None and self._exit_status is None else set()
+    def owned_pids(self) -> set[int]:
+        """Pids whose exit status this run has yet to collect: nobody else may reap them."""
+        return {self.pid} if self.pid is not None and self.proc is not None and not self._collected else set()
 
     def stop(self, state: str, reason: str) -> None:
         if self.phase is not Phase.RUNNING or self.proc is None:
             return
         self.end_state, self.end_reason = state, reason
         self.phase = Phase.KILLING
-        self._kill = TreeKill(self.effect_id, self.identity, grace=self.kill_grace,
-                              protected_pids=self.protected_pids)
+        self._kill = TreeKill(self.effect_id, self.identity, grace=self.kill_grace)
         self._kill.start()
 
     def tick(self, now: float) -> list[Chunk]:
@@ -391,7 +409,7 @@ class ShellRun(Run):
             return self._finish("failed", reason="spawn_failed", error=self.spawn_error)
         if self._pidfd < 0:
             self._reap()  # no pidfd on this kernel: fall back to polling
-        if self._exit_status is None:
+        if not self._collected:
             self._feed_stdin()
         elif self._stdin_w >= 0:
             os.close(self._stdin_w)
@@ -401,17 +419,16 @@ class ShellRun(Run):
         chunks: list[Chunk] = []
         if self._kill is not None and not self._kill.done:
             self._kill.poll(now)
-        if self._exit_status is not None and self._pipes:
+        if self._collected and self._pipes:
             # Main process gone but a pipe is still open: a background process inherited it.
             for fd in list(self._pipes):
                 chunks += self._read(fd)
             if self._pipes and self._leftover_kill is None and self._kill is None:
-                self._leftover_kill = TreeKill(self.effect_id, None, grace=LEFTOVER_GRACE,
-                                               protected_pids=self.protected_pids)
+                self._leftover_kill = TreeKill(self.effect_id, None, grace=LEFTOVER_GRACE)
                 self._leftover_kill.start()
         if self._leftover_kill is not None and not self._leftover_kill.done:
             self._leftover_kill.poll(now)
-        if self._exit_status is None or self._pipes:
+        if not self._collected or self._pipes:
             return chunks
         if self._kill is not None and not self._kill.done:
             return chunks
@@ -423,6 +440,11 @@ class ShellRun(Run):
         if self._leftover_kill is not None and not self._leftover_kill.done:
             return chunks
         status = self._exit_status
+        if status is None:
+            # Nobody can say how it ended; "succeeded" would be a guess.
+            if self.end_state is not None:
+                return chunks + self._finish(self.end_state, reason=self.end_reason)
+            return chunks + self._finish("lost", reason=EXIT_STATUS_UNKNOWN)
         exit_code = status if status >= 0 else None
         sig = -status if status < 0 else None
         if self.end_state is not None:
@@ -434,7 +456,7 @@ class ShellRun(Run):
         return chunks + self._finish("failed", reason=reason, exit_code=exit_code, signal=sig)
 
     def next_deadline(self) -> float | None:
-        if self.phase is Phase.KILLING or (self._exit_status is not None and self.phase is not Phase.DONE):
+        if self.phase is Phase.KILLING or (self._collected and self.phase is not Phase.DONE):
             return time.monotonic() + 0.05  # kill in progress: re-check soon
         if self._stdin_w >= 0:
             return time.monotonic() + STDIN_POLL

@@ -502,7 +502,7 @@ FINISH_FIELDS: tuple[Field, ...] = (
     Field("id", "id", required=True),
     Field("attempt", "int", required=True, min=1),
     Field("state", "str", required=True,
-          choices=("succeeded", "failed", "cancelled", "timed_out")),
+          choices=("succeeded", "failed", "cancelled", "timed_out", "lost")),
     Field("reason", "str", max_len=256),
     Field("exit_code", "int"),
     Field("signal", "int"),
