@@ -77,6 +77,7 @@ Limitations
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import select
@@ -91,6 +92,8 @@ import psutil
 __all__ = [
     "DEFAULT_KILL_GRACE",
     "EFFECT_MARKER_ENV",
+    "KILL_GIVE_UP",
+    "PipeHolderKill",
     "ProcessIdentity",
     "TreeKill",
     "become_subreaper",
@@ -100,6 +103,7 @@ __all__ = [
     "is_alive",
     "is_subreaper",
     "kill_tree",
+    "pipe_holders",
     "reap_orphan_zombies",
 ]
 
@@ -618,9 +622,12 @@ class TreeKill:
     appeared since, and returns ``True`` once nothing is left.  After the
     deadline it SIGKILLs all survivors, re-scanning up to
     :data:`MAX_KILL_ROUNDS` times per call (a dying parent may fork), and keeps
-    returning ``False`` until everything is gone.  Neither method sleeps, and
-    neither reaps: zombies already count as gone, and their exit statuses are
-    left to their owners (see the module docstring).
+    returning ``False`` until everything is gone -- or, with ``give_up_after``,
+    until that many seconds past the deadline, when it stops and counts the
+    survivors in :attr:`leaked` (a process of another uid, or one in
+    uninterruptible sleep, may never go).  Neither method sleeps, and neither
+    reaps: zombies already count as gone, and their exit statuses are left to
+    their owners (see the module docstring).
     """
 
     def __init__(
@@ -628,10 +635,13 @@ class TreeKill:
         effect_id: str,
         root: ProcessIdentity | None,
         grace: float = DEFAULT_KILL_GRACE,
+        give_up_after: float | None = None,
     ) -> None:
         self.effect_id = effect_id
         self.root = root
         self.grace = max(0.0, float(grace))
+        self.give_up_after = give_up_after
+        self.leaked = 0  #: survivors when the kill gave up (see ``give_up_after``)
         self._leader: int | None = None
         self._deadline: float | None = None
         self._started = False
@@ -750,6 +760,90 @@ class TreeKill:
                 return True
             if before.issuperset(idents):
                 break  # nothing new: the rest is just still dying
+        if self.give_up_after is not None and now >= self._deadline + self.give_up_after:
+            self.leaked = len(idents)
+            self._done = True
+            return True
+        return False
+
+
+#: Seconds past the SIGKILL deadline after which a worker's kill stops waiting and reports the
+#: survivors as leaked: a killable process is gone within milliseconds of SIGKILL.
+KILL_GIVE_UP = 0.5
+
+
+def pipe_holders(inodes: Iterable[int]) -> list[tuple[ProcessIdentity, bool]]:
+    """Live processes other than this one with a descriptor on one of the pipes ``inodes``, each
+    with whether it runs as our uid (only those are ever signalled).
+
+    One ``/proc`` pass reading every visible process's fd table: meant for the rare case of an
+    effect whose tree is gone while its output pipes stay open. Processes whose fd table we may
+    not read (another user's, when not root) are not found."""
+    targets = {f"pipe:[{ino}]" for ino in inodes}
+    me = os.getpid()
+    found: list[tuple[ProcessIdentity, bool]] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or not _signallable(int(name)) or int(name) == me:
+            continue
+        pid = int(name)
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # gone, or not ours to look at
+        holds = False
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in targets:
+                    holds = True
+                    break
+        if not holds:
+            continue
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() in _DEAD_STATUSES:
+                continue
+            ident = ProcessIdentity(pid, float(proc.create_time()))
+            mine = os.getuid() in proc.uids()[:2]
+        except (psutil.Error, OSError, ValueError):
+            continue
+        found.append((ident, mine))
+    return found
+
+
+class PipeHolderKill:
+    """Kill what still holds an effect's output pipes once its tree kill found nothing left.
+
+    Such processes escaped the tree, the session and the marker (``setsid env -i``, the
+    documented gap of :func:`effect_processes`) but inherited the pipes, which they would keep
+    open -- and the effect unfinished -- for as long as they live. Same two phases as
+    :class:`TreeKill` (SIGTERM + SIGCONT now, SIGKILL from ``kill_at``), never signalling another
+    uid's processes. :meth:`poll` returns ``True`` once no holder we may kill is left, or
+    :data:`KILL_GIVE_UP` after ``kill_at``; :attr:`leaked` then counts the holders still alive.
+    """
+
+    def __init__(self, inodes: Iterable[int], kill_at: float) -> None:
+        self.inodes = frozenset(inodes)
+        self.kill_at = kill_at
+        self.done = False
+        self.leaked = 0
+        self._termed: set[ProcessIdentity] = set()
+
+    def poll(self, now: float) -> bool:
+        if self.done:
+            return True
+        holders = pipe_holders(self.inodes)
+        ours = [ident for ident, mine in holders if mine]
+        self.leaked = len(holders)
+        if not ours or now >= self.kill_at + KILL_GIVE_UP:
+            self.done = True
+            return True
+        for ident in ours:
+            if now >= self.kill_at:
+                _send_signal(ident, signal.SIGKILL)
+            elif ident not in self._termed:
+                self._termed.add(ident)
+                if _send_signal(ident, signal.SIGTERM):
+                    _send_signal(ident, signal.SIGCONT)
         return False
 
 

@@ -416,6 +416,7 @@ class Daemon:
             fields = {k: rep.get(k) for k in ("exit_code", "signal", "result", "error")}
             fields["sizes"] = rep.get("sizes") or {}
             fields["truncated"] = rep.get("truncated") or {}
+            fields["leaked_processes"] = rep.get("leaked_processes") or 0
             self.pending_kills.pop(eff.id, None)
             self.conclude(eff, state, reason=reason, fields=fields)
         # Duplicates and late reports never change a final state; always acknowledge them so the

@@ -510,6 +510,7 @@ FINISH_FIELDS: tuple[Field, ...] = (
     Field("error", "map", items="any"),
     Field("sizes", "map", items="int"),
     Field("truncated", "map", items="int"),
+    Field("leaked_processes", "int", min=0, doc="processes of the effect still alive as it ended"),
     Field("finished_at", "num"),
     Field("started_at", "num"),
 )
