@@ -104,6 +104,9 @@ class Run:
 
     def _finish(self, state: str, **fields: Any) -> list[Chunk]:
         chunks = [Chunk(s, off, data) for s, off, data in self.writer.finish()]
+        if state == "succeeded" and self.writer.write_error is not None:
+            # Output went missing (e.g. disk full): not a success anyone may build on.
+            state, fields["reason"] = "failed", self.writer.write_error
         self.report = {
             "id": self.effect_id, "attempt": self.attempt, "state": state,
             "sizes": self.writer.sizes(), "truncated": self.writer.truncated(),

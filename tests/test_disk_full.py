@@ -1,0 +1,99 @@
+"""A full state filesystem strands nothing (issue 14.3).
+
+The state dir is a small tmpfs filled to the last byte while effects run. Output that cannot be
+written is counted as truncated and the effect ends ``failed`` with reason ``disk_full`` (its exit
+code kept); the worker survives; no effect stays ``running``; once space returns, new effects
+run and cancel works. Needs root for the mount (CI runs as root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from effectd.client import EffectState, shell_spec
+from tests.conftest import DaemonHandle, wait_until
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+
+TMPFS_SIZE = "2m"
+EFFECTS = 6
+OUTPUT_BYTES = 200_000
+
+
+def _fill(path: Path) -> None:
+    """Write ``path`` until the filesystem refuses: afterwards not one more block is free."""
+    chunk = b"\0" * 65536
+    with open(path, "wb", buffering=0) as f:
+        while True:
+            try:
+                f.write(chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                break
+        for size in (4096, 512, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * size)
+
+
+@pytest.fixture
+def full_state(daemon_factory: Any) -> Iterator[DaemonHandle]:
+    d: DaemonHandle = daemon_factory("--kill-grace", "0.5", "--max-workers", "1", start=False)
+    d.state.mkdir(parents=True, mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE},mode=0700", "tmpfs", str(d.state)],
+                   check=True)
+    try:
+        d.start()
+        yield d
+    finally:
+        with contextlib.suppress(OSError):
+            (d.state / "filler").unlink()
+        with contextlib.suppress(Exception):
+            d.stop()
+        subprocess.run(["umount", "-l", str(d.state)], check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_full_state_dir_strands_nothing(full_state: DaemonHandle) -> None:
+    d = full_state
+    c = d.client()
+    warm = c.wait(c.submit(shell_spec("echo warm")), timeout=20)
+    assert warm.state is EffectState.SUCCEEDED
+    (worker,) = d.worker_processes()
+    go = d.root / "go"
+    writer = (f"while [ ! -e {go} ]; do sleep 0.02; done; "
+              f"head -c {OUTPUT_BYTES} /dev/zero | tr '\\0' x; echo tail >&2; exit 0")
+    ids = [c.submit(shell_spec(writer)) for _ in range(EFFECTS)]
+    wait_until(lambda: all(r.state is EffectState.RUNNING for r in c.status_many(ids)), what="effects running")
+
+    _fill(d.state / "filler")
+    go.touch()
+
+    # Polled with status (read-only, answered even when nothing can be committed), not wait.
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: all(r.final for r in c.status_many(ids)), timeout=30, what="final states")
+    records = c.status_many(ids)
+    stranded = [r.state.value for r in records if not r.final]
+    assert not stranded, f"{len(stranded)}/{EFFECTS} effects stranded on a full disk: {stranded}"
+    assert worker.is_running() and [p.pid for p in d.worker_processes()] == [worker.pid]
+    for r in records:
+        assert (r.state, r.reason, r.exit_code) == (EffectState.FAILED, "disk_full", 0), r
+        assert r.truncated.get("stdout", 0) > 0, r.truncated
+
+    (d.state / "filler").unlink()  # space returns: everything works again
+    ok = c.wait(c.submit(shell_spec("echo back")), timeout=20)
+    assert (ok.state, c.output(ok.id)) == (EffectState.SUCCEEDED, b"back\n")
+    long = c.submit(shell_spec("echo up; sleep 60"))
+    wait_until(lambda: c.output(long) == b"up\n", what="the long effect to start")
+    c.cancel(long)
+    assert c.wait(long, timeout=10).state is EffectState.CANCELLED
+    assert [p.pid for p in d.worker_processes()] == [worker.pid]
