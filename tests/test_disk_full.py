@@ -23,7 +23,7 @@ from tests.conftest import DaemonHandle, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
-TMPFS_SIZE = "2m"
+TMPFS_SIZE = "8m"  # room for the journal's 1 MiB reserve and output's 2 MiB headroom
 EFFECTS = 6
 OUTPUT_BYTES = 200_000
 

@@ -16,6 +16,11 @@ from pathlib import Path
 
 DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
 TAIL_KEEP_BYTES = 1024 * 1024
+STATE_HEADROOM_BYTES = 2 * 1024 * 1024
+"""Free space output never takes: below it a write fails as if the disk were full. It leaves the
+journal (on the same filesystem) room to commit the conclusions of the effects whose output was
+cut: more than the journal's own reserve (``journal.store.RESERVE_BYTES``), which it frees when
+the disk fills up and which output must not take back."""
 
 
 DISK_FULL = "disk_full"
@@ -124,6 +129,9 @@ class OutputWriter:
         done = 0
         while done < len(data):
             try:
+                st = os.fstatvfs(sf.fd)
+                if st.f_bavail * st.f_frsize < STATE_HEADROOM_BYTES + len(data) - done:
+                    raise OSError(errno.ENOSPC, "state filesystem at its headroom for the journal")
                 done += os.write(sf.fd, view[done:])
             except OSError as exc:
                 self._failed(sf, exc)

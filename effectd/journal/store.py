@@ -49,6 +49,71 @@ CREATE INDEX IF NOT EXISTS events_effect ON events(effect_id);
 """
 
 
+RESERVE_BYTES = 1024 * 1024
+"""Space the journal keeps allocated in ``journal.sqlite3.reserve`` beside it, so that when the
+filesystem fills up (other programs; effects' output stops short of it) the daemon can still commit
+the conclusions of the running effects (a few dozen KiB of WAL each): the file is given back once
+free space runs low, or a commit fails, and taken again once there is room."""
+RESERVE_LOW_WATER = 64 * 1024
+RESERVE_RETRY = 10.0
+"""Seconds between attempts to take the reserve back once it was used."""
+
+
+class SpaceReserve:
+    """A preallocated file the journal gives up when the filesystem runs out of space."""
+
+    def __init__(self, path: Path, size: int = RESERVE_BYTES) -> None:
+        self.path = path
+        self.size = size
+        self.held = False
+        self._last_try = float("-inf")
+        self.take()
+
+    def _free(self) -> int:
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return 0
+        return st.f_bavail * st.f_frsize
+
+    def take(self) -> None:
+        """(Re)allocate the reserve, only while there is ample room (never what fills a disk)."""
+        self._last_try = time.monotonic()
+        if self.held:
+            return
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_blocks * 512 >= self.size:  # kept from an earlier run
+                self.held = True
+                return
+        if self._free() < 2 * self.size:  # never the space that fills a disk
+            return
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.size)
+            finally:
+                os.close(fd)
+            self.held = True
+        except OSError:
+            self.release()
+
+    def release(self) -> bool:
+        """Give the space back; True if there was something to give."""
+        was = self.held
+        self.held = False
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        return was
+
+    def before_commit(self) -> None:
+        if self.held and self._free() < RESERVE_LOW_WATER:
+            self.release()
+
+    def after_commit(self) -> None:
+        if not self.held and time.monotonic() - self._last_try >= RESERVE_RETRY:
+            self.take()
+
+
 class JournalCorrupt(Exception):
     """The journal failed its integrity check or cannot be read; the daemon must not start over it."""
 
@@ -88,6 +153,7 @@ class Journal:
                 raise JournalCorrupt(f"journal schema version {version}, this effectd knows {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             raise JournalCorrupt(str(exc)) from exc
+        self.reserve = SpaceReserve(path.with_name(path.name + ".reserve"))
         self.commit()
 
     # ---- batching -------------------------------------------------------------------------
@@ -105,13 +171,21 @@ class Journal:
         """Make the current batch durable. On failure the batch is rolled back and DiskFull raised."""
         if not self._in_batch:
             return
+        self.reserve.before_commit()
         try:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self.rollback()
+            # A failed COMMIT is rolled back whole. Make room for the batch, redone (workers
+            # re-send their reports): free the reserve, and fold the WAL into the database and
+            # truncate it (it only shrinks at such a checkpoint, and may be megabytes).
+            self.reserve.release()
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             raise DiskFull(f"journal commit failed: {exc}") from exc
         self._in_batch = False
         self.commits += 1
+        self.reserve.after_commit()
 
     def savepoint(self) -> None:
         """Mark the start of one request's writes inside the batch."""
