@@ -17,10 +17,14 @@ from pathlib import Path
 DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
 TAIL_KEEP_BYTES = 1024 * 1024
 STATE_HEADROOM_BYTES = 2 * 1024 * 1024
-"""Free space output never takes: below it a write fails as if the disk were full. It leaves the
-journal (on the same filesystem) room to commit the conclusions of the effects whose output was
-cut: more than the journal's own reserve (``journal.store.RESERVE_BYTES``), which it frees when
-the disk fills up and which output must not take back."""
+"""Free space output never takes (at most 1/8 of the filesystem): below it a write fails as if the
+disk were full. It leaves the journal (on the same filesystem) room to commit the conclusions of
+the effects whose output was cut: twice the journal's own reserve (``journal.store.reserve_size``),
+which the journal frees when the disk fills up and which output must not take back."""
+
+
+def headroom(st: os.statvfs_result) -> int:
+    return min(STATE_HEADROOM_BYTES, st.f_blocks * st.f_frsize // 8)
 
 
 DISK_FULL = "disk_full"
@@ -130,7 +134,7 @@ class OutputWriter:
         while done < len(data):
             try:
                 st = os.fstatvfs(sf.fd)
-                if st.f_bavail * st.f_frsize < STATE_HEADROOM_BYTES + len(data) - done:
+                if st.f_bavail * st.f_frsize < headroom(st) + len(data) - done:
                     raise OSError(errno.ENOSPC, "state filesystem at its headroom for the journal")
                 done += os.write(sf.fd, view[done:])
             except OSError as exc:

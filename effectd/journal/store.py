@@ -50,63 +50,69 @@ CREATE INDEX IF NOT EXISTS events_effect ON events(effect_id);
 
 
 RESERVE_BYTES = 1024 * 1024
-"""Space the journal keeps allocated in ``journal.sqlite3.reserve`` beside it, so that when the
-filesystem fills up (other programs; effects' output stops short of it) the daemon can still commit
-the conclusions of the running effects (a few dozen KiB of WAL each): the file is given back once
-free space runs low, or a commit fails, and taken again once there is room."""
+"""Space the journal keeps allocated in ``journal.sqlite3.reserve`` beside it (at most 1/16 of the
+filesystem), so that when the filesystem fills up (other programs; effects' output stops short of
+it, ``daemon.output.STATE_HEADROOM_BYTES``) the daemon can still commit the conclusions of the
+running effects (a few dozen KiB of WAL each): the file is given back once free space runs low, or
+a commit fails, and taken again once there is room."""
 RESERVE_LOW_WATER = 64 * 1024
 RESERVE_RETRY = 10.0
 """Seconds between attempts to take the reserve back once it was used."""
 
 
+def reserve_size(total: int) -> int:
+    """The reserve for a filesystem of ``total`` bytes."""
+    return min(RESERVE_BYTES, total // 16)
+
+
 class SpaceReserve:
     """A preallocated file the journal gives up when the filesystem runs out of space."""
 
-    def __init__(self, path: Path, size: int = RESERVE_BYTES) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.size = size
         self.held = False
         self._last_try = float("-inf")
         self.take()
 
-    def _free(self) -> int:
+    def _space(self) -> tuple[int, int]:
+        """(free, total) bytes of the filesystem."""
         try:
             st = os.statvfs(self.path.parent)
         except OSError:
-            return 0
-        return st.f_bavail * st.f_frsize
+            return 0, 0
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
     def take(self) -> None:
         """(Re)allocate the reserve, only while there is ample room (never what fills a disk)."""
         self._last_try = time.monotonic()
         if self.held:
             return
+        free, total = self._space()
+        size = reserve_size(total)
         with contextlib.suppress(OSError):
-            if os.stat(self.path).st_blocks * 512 >= self.size:  # kept from an earlier run
+            if size and os.stat(self.path).st_blocks * 512 >= size:  # kept from an earlier run
                 self.held = True
                 return
-        if self._free() < 2 * self.size:  # never the space that fills a disk
+        if not size or free < 2 * size:
             return
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                os.posix_fallocate(fd, 0, self.size)
+                os.posix_fallocate(fd, 0, size)
             finally:
                 os.close(fd)
             self.held = True
         except OSError:
             self.release()
 
-    def release(self) -> bool:
-        """Give the space back; True if there was something to give."""
-        was = self.held
+    def release(self) -> None:
+        """Give the space back."""
         self.held = False
         with contextlib.suppress(OSError):
             self.path.unlink()
-        return was
 
     def before_commit(self) -> None:
-        if self.held and self._free() < RESERVE_LOW_WATER:
+        if self.held and self._space()[0] < RESERVE_LOW_WATER:
             self.release()
 
     def after_commit(self) -> None:
