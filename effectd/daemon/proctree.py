@@ -819,11 +819,13 @@ class PipeHolderKill:
     :class:`TreeKill` (SIGTERM + SIGCONT now, SIGKILL from ``kill_at``), never signalling another
     uid's processes. :meth:`poll` returns ``True`` once no holder we may kill is left, or
     :data:`KILL_GIVE_UP` after ``kill_at``; :attr:`leaked` then counts the holders still alive.
+    Pids in ``ignore`` (survivors a tree kill already gave up on and counted) are left out.
     """
 
-    def __init__(self, inodes: Iterable[int], kill_at: float) -> None:
+    def __init__(self, inodes: Iterable[int], kill_at: float, ignore: Iterable[int] = ()) -> None:
         self.inodes = frozenset(inodes)
         self.kill_at = kill_at
+        self.ignore = frozenset(ignore)
         self.done = False
         self.leaked = 0
         self._termed: set[ProcessIdentity] = set()
@@ -831,7 +833,7 @@ class PipeHolderKill:
     def poll(self, now: float) -> bool:
         if self.done:
             return True
-        holders = pipe_holders(self.inodes)
+        holders = [(ident, mine) for ident, mine in pipe_holders(self.inodes) if ident.pid not in self.ignore]
         ours = [ident for ident, mine in holders if mine]
         self.leaked = len(holders)
         if not ours or now >= self.kill_at + KILL_GIVE_UP:

@@ -475,7 +475,8 @@ class ShellRun(Run):
             return []
         if self._holder_kill is None:
             deadlines = [k.deadline for k in tree_kills if k.deadline is not None]
-            self._holder_kill = PipeHolderKill(self._pipe_inodes, max([mono, *deadlines]))
+            given_up = {p.pid for k in tree_kills if k.leaked for p in k.survivors}  # counted there
+            self._holder_kill = PipeHolderKill(self._pipe_inodes, max([mono, *deadlines]), ignore=given_up)
         if not self._holder_kill.poll(mono):
             return []
         chunks: list[Chunk] = []
