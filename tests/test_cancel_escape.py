@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -96,7 +97,8 @@ def test_escaped_pipe_holder_is_killed_and_effect_ends_within_grace(d: DaemonHan
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the escapee as another user")
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to run the escapee as another user")
 def test_unkillable_pipe_holder_is_reported_as_leaked(d: DaemonHandle) -> None:
     c = d.client()
     token = _token()

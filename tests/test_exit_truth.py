@@ -22,7 +22,7 @@ import pytest
 from effectd.client import EffectState, python_spec, shell_spec
 from effectd.daemon.ids import UlidGenerator
 from effectd.daemon.output import OutputWriter
-from effectd.daemon.proctree import collect_exit_status
+from effectd.daemon.proctree import TreeKill, collect_exit_status, kill_tree
 from effectd.daemon.runners import EXIT_STATUS_UNKNOWN, ShellRun
 from effectd.ipc.schema import check_finish
 from tests.conftest import DaemonHandle, wait_until
@@ -114,3 +114,20 @@ def test_collect_exit_status_reaps_only_its_pid(tmp_path: Path) -> None:
         assert collect_exit_status(b.pid) == (True, None)  # already collected: unknowable now
     finally:
         a.returncode = b.returncode = -1  # collected above: Popen must not wait on the pids again
+
+
+@pytest.mark.timeout(20)
+def test_kills_never_reap_someone_elses_child() -> None:
+    """The daemon kills a dead worker's effects with the same TreeKill while its own worker
+    children may have exited unpolled: a kill must leave every exit status to its owner."""
+    child = subprocess.Popen(["sh", "-c", "exit 5"])
+    try:
+        wait_until(lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE, what="zombie")
+        unrelated = UlidGenerator().new()
+        kill = TreeKill(unrelated, None, grace=0.0)
+        kill.start()
+        assert kill.poll() is True
+        assert kill_tree(unrelated, None, grace=0.0, timeout=2.0) is True
+        assert psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE  # still ours to collect
+    finally:
+        assert child.wait(timeout=5) == 5
