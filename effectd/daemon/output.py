@@ -5,6 +5,10 @@ publishing it, so output keeps accumulating while no daemon runs and a late subs
 read what it missed. When a byte stream passes ``max_output_bytes`` the writer keeps the head,
 holds a bounded ring of the most recent bytes, and on close appends a one-line truncation marker
 followed by the tail - so the file ends with what users most often need (the error at the end).
+
+A full filesystem never ends the worker: a failed write (or one that would eat into the room the
+journal keeps, ``STATE_HEADROOM_BYTES``) stops that stream for the attempt, counts what follows as
+truncated and sets ``write_error``, which turns the attempt's success into ``failed/disk_full``.
 """
 
 from __future__ import annotations

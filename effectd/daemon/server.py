@@ -270,12 +270,12 @@ class Daemon:
             eff = self.sched.effects.get(eid)
             if eff is not None and _matches_record(eff, rec):
                 continue
+            if eff is not None:
+                self.sched.release(eff, now)
             restored = Effect.from_record(rec)
             self.sched.add(restored)
             if eff is not None:
-                self.sched.release(eff, now)
-                restored.seq = eff.seq
-                self.sched.effects[eid] = restored
+                restored.seq = eff.seq  # keeps its place in the queue
             self._supervise_restored(restored)
         self.sched.reindex_backoffs()
 
