@@ -61,7 +61,8 @@ Limitations
   it is a descendant of any found process, or a member of the root's
   session/process group; a process that both clears its environment and escapes
   the tree and the session (e.g. ``setsid env -i cmd`` whose parent then exits)
-  is not found.  ``/proc/<pid>/environ`` shows the environment as of
+  is not found -- except, by the worker, while it holds the effect's output
+  pipes (:class:`PipeHolderKill`).  ``/proc/<pid>/environ`` shows the environment as of
   ``execve``; later ``setenv``/``unsetenv`` calls do not hide the marker.
 * Processes of another uid (setuid programs) are only found through the
   descendant/session relations, and may not be killable (AccessDenied); the
