@@ -302,7 +302,7 @@ def test_treekill_is_two_phase_and_never_blocks(effects: Effects, tmp_path: Path
     root = identity_of(p.pid)
     assert root is not None
 
-    tk = TreeKill(eid, root, grace=GRACE, protected_pids=lambda: {p.pid})
+    tk = TreeKill(eid, root, grace=GRACE)
     t0 = time.monotonic()
     tk.start()
     assert time.monotonic() - t0 < 0.5
@@ -319,7 +319,7 @@ def test_treekill_is_two_phase_and_never_blocks(effects: Effects, tmp_path: Path
     tk.poll(tk.deadline + 0.01)  # grace over: SIGKILL
     assert time.monotonic() - a < 0.5
     assert tk.killed
-    # The root is protected: its exit status is left for our Popen object.
+    # A kill never reaps: the root's exit status is left for our Popen object.
     assert p.wait(timeout=5) == -signal.SIGKILL
     assert tk.poll() is True and tk.done and tk.poll() is True
     assert not is_alive(root)
@@ -332,7 +332,7 @@ def test_kill_tree_kills_sigterm_ignorer_after_grace(effects: Effects, tmp_path:
     wait_events(ev, 1)
     root = identity_of(p.pid)
     t0 = time.monotonic()
-    assert kill_tree(eid, root, grace=GRACE, protected_pids=lambda: {p.pid}) is True
+    assert kill_tree(eid, root, grace=GRACE) is True
     elapsed = time.monotonic() - t0
     assert GRACE <= elapsed < GRACE + 2.0
     assert events(ev, "term") == [p.pid]
@@ -344,7 +344,7 @@ def test_kill_tree_returns_as_soon_as_the_tree_is_gone(effects: Effects) -> None
     p = effects.spawn(["sleep", "300"], eid)
     root = identity_of(p.pid)
     t0 = time.monotonic()
-    assert kill_tree(eid, root, grace=DEFAULT_KILL_GRACE, protected_pids=lambda: {p.pid})
+    assert kill_tree(eid, root, grace=DEFAULT_KILL_GRACE)
     assert time.monotonic() - t0 < 2.0  # did not sit out the 5 s grace
     assert p.wait(timeout=5) == -signal.SIGTERM
 
@@ -357,7 +357,7 @@ def test_kill_tree_gives_up_after_timeout(effects: Effects, tmp_path: Path) -> N
     root = identity_of(p.pid)
     assert root is not None
     t0 = time.monotonic()
-    assert kill_tree(eid, root, grace=5.0, timeout=0.3, protected_pids=lambda: {p.pid}) is False
+    assert kill_tree(eid, root, grace=5.0, timeout=0.3) is False
     assert time.monotonic() - t0 < 2.0
     assert is_alive(root)  # grace not over yet; the fixture cleans it up
 
@@ -394,7 +394,7 @@ from effectd.daemon import proctree as pt
 child = subprocess.Popen(["sleep", "300"])  # inherits our marker, session and group
 me = pt.identity_of(os.getpid())
 found = [p.pid for p in pt.effect_processes({eid!r}, me)]
-ok = pt.kill_tree({eid!r}, me, grace=0.5, timeout=10, protected_pids=lambda: {{child.pid}})
+ok = pt.kill_tree({eid!r}, me, grace=0.5, timeout=10)
 print(json.dumps({{"me_found": os.getpid() in found, "child_found": child.pid in found,
                    "ok": ok, "child_rc": child.wait(timeout=5)}}))
 """

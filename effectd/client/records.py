@@ -37,6 +37,7 @@ class EffectRecord:
     error: EffectError | None = None
     sizes: dict[str, int] = field(default_factory=dict)
     truncated: dict[str, int] = field(default_factory=dict)
+    leaked_processes: int = 0
     progress: dict[str, Any] | None = None
     spec: dict[str, Any] = field(default_factory=dict)
 
@@ -67,6 +68,7 @@ class EffectRecord:
             error=EffectError(err.get("type", "?"), err.get("message", ""), err.get("traceback", ""))
             if isinstance(err, dict) else None,
             sizes=rec.get("sizes") or {}, truncated=rec.get("truncated") or {},
+            leaked_processes=rec.get("leaked_processes") or 0,
             progress=rec.get("progress"), spec=rec.get("spec") or {},
         )
 

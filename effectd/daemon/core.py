@@ -63,6 +63,7 @@ class Effect:
     error: dict[str, Any] | None = None
     sizes: dict[str, int] = field(default_factory=dict)
     truncated: dict[str, int] = field(default_factory=dict)
+    leaked_processes: int = 0
     attempts: list[dict[str, Any]] = field(default_factory=list)
     progress: dict[str, Any] | None = None
     not_before: float = 0.0
@@ -115,6 +116,7 @@ class Effect:
             "error": self.error,
             "sizes": self.sizes,
             "truncated": self.truncated,
+            "leaked_processes": self.leaked_processes,
             "progress": self.progress,
             "not_before": self.not_before,
             "cancel_requested": self.cancel_requested,
@@ -131,6 +133,7 @@ class Effect:
         eff.attempt = rec.get("attempt") or 0
         eff.sizes = rec.get("sizes") or {}
         eff.truncated = rec.get("truncated") or {}
+        eff.leaked_processes = rec.get("leaked_processes") or 0
         eff.attempts = rec.get("attempts") or []
         eff.not_before = rec.get("not_before") or 0.0
         return eff
@@ -323,6 +326,7 @@ class Scheduler:
         eff.pid = None
         eff.create_time = None
         eff.reason = None
+        eff.leaked_processes = 0
 
     def release(self, eff: Effect, now: float) -> None:
         worker = self.workers.get(eff.worker or "")

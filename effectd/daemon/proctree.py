@@ -36,10 +36,12 @@ Safety rules
   is never hit.
 * pid <= 1, our own pid, our ancestors, our own process group and our own
   session are never signalled.
-* Zombies are never counted as alive.  Zombies that are *our* children are
-  reaped with ``waitpid(pid, WNOHANG)`` -- never ``waitpid(-1)`` -- except the
-  pids the caller still wants to collect through its ``Popen`` objects
-  (``protected_pids``).
+* Zombies are never counted as alive, and killing never reaps: an exit
+  status belongs to whoever owns the pid (a run's pidfd, a ``Popen``).  If a
+  kill reaped a dead child, its owner's next ``waitpid`` would fail with
+  ECHILD, which ``subprocess.Popen`` reports as exit code 0 -- a failed effect
+  reported as succeeded.  Orphans adopted as subreaper are collected
+  separately by :func:`reap_orphan_zombies`, which skips every owned pid.
 
 Non-blocking kill
 -----------------
@@ -59,7 +61,8 @@ Limitations
   it is a descendant of any found process, or a member of the root's
   session/process group; a process that both clears its environment and escapes
   the tree and the session (e.g. ``setsid env -i cmd`` whose parent then exits)
-  is not found.  ``/proc/<pid>/environ`` shows the environment as of
+  is not found -- except, by the worker, while it holds the effect's output
+  pipes (:class:`PipeHolderKill`).  ``/proc/<pid>/environ`` shows the environment as of
   ``execve``; later ``setenv``/``unsetenv`` calls do not hide the marker.
 * Processes of another uid (setuid programs) are only found through the
   descendant/session relations, and may not be killable (AccessDenied); the
@@ -75,6 +78,7 @@ Limitations
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import select
@@ -89,14 +93,18 @@ import psutil
 __all__ = [
     "DEFAULT_KILL_GRACE",
     "EFFECT_MARKER_ENV",
+    "KILL_GIVE_UP",
+    "PipeHolderKill",
     "ProcessIdentity",
     "TreeKill",
     "become_subreaper",
+    "collect_exit_status",
     "effect_processes",
     "identity_of",
     "is_alive",
     "is_subreaper",
     "kill_tree",
+    "pipe_holders",
     "reap_orphan_zombies",
 ]
 
@@ -525,22 +533,6 @@ def effect_processes(
 # --------------------------------------------------------------------------
 
 
-def _reap_from(snap: _Snapshot, protected: set[int]) -> list[int]:
-    me = os.getpid()
-    reaped: list[int] = []
-    for pid in snap.children.get(me, ()):
-        entry = snap.entries.get(pid)
-        if entry is None or not entry.dead or pid in protected or pid <= 0:
-            continue
-        try:
-            got, _status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            continue
-        if got == pid:
-            reaped.append(pid)
-    return reaped
-
-
 def own_children() -> list[int]:
     """Pids of this process's children, from /proc/self/task/*/children (one small read per
     thread) rather than psutil's scan of every process on the machine."""
@@ -558,14 +550,40 @@ def own_children() -> list[int]:
     return pids
 
 
+def collect_exit_status(pid: int, pidfd: int = -1) -> tuple[bool, int | None]:
+    """Reap our child ``pid`` -- only it -- if it has exited, without blocking.
+
+    Returns ``(False, None)`` while it runs, ``(True, status)`` once collected
+    (the exit code, or ``-signal`` like ``Popen.returncode``), and ``(True,
+    None)`` when its status can no longer be known (ECHILD: someone else
+    reaped it).  Through the pidfd when there is one, so the wait cannot hit
+    another process that recycled the pid.
+    """
+    try:
+        if pidfd >= 0:
+            info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+            if info is None:
+                return False, None
+            if info.si_code == os.CLD_EXITED:
+                return True, int(info.si_status)
+            return True, -int(info.si_status)  # CLD_KILLED or CLD_DUMPED: si_status is the signal
+        got, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True, None
+    if got == 0:
+        return False, None
+    return True, os.waitstatus_to_exitcode(status)
+
+
 def reap_orphan_zombies(protected_pids: set[int]) -> list[int]:
     """Reap zombie children of this process that are not in ``protected_pids``.
 
-    These are typically orphans adopted as subreaper.  ``protected_pids`` must
-    contain every pid whose exit status someone still wants (live ``Popen``
-    objects): reaping those would make ``Popen`` report a bogus status.  Uses
-    ``waitpid(pid, WNOHANG)`` on specific pids, never ``waitpid(-1)``.
-    Returns the reaped pids.
+    These are typically orphans adopted as subreaper.  Besides the owners of
+    pids (:func:`collect_exit_status`), this is the only reaper: the caller must
+    put in ``protected_pids`` every pid whose exit status someone still wants,
+    and must not call it at all while code it does not control may start
+    children (a python effect's own subprocesses).  Uses ``waitpid(pid,
+    WNOHANG)`` on specific pids, never ``waitpid(-1)``.  Returns the reaped pids.
     """
     # Only our own children can be reaped, so list them (cheap: /proc/self/task/*/children)
     # instead of scanning every process on the machine.
@@ -605,14 +623,12 @@ class TreeKill:
     appeared since, and returns ``True`` once nothing is left.  After the
     deadline it SIGKILLs all survivors, re-scanning up to
     :data:`MAX_KILL_ROUNDS` times per call (a dying parent may fork), and keeps
-    returning ``False`` until everything is gone.  Every call also reaps
-    zombie children of this process that are not in ``protected_pids()``.
-    Neither method sleeps.
-
-    ``protected_pids`` must return every pid the caller still holds a
-    ``Popen`` for (typically all of the worker's live effect roots, not only
-    this effect's): reaping those here would make ``Popen`` report exit
-    status 0 instead of the real one.
+    returning ``False`` until everything is gone -- or, with ``give_up_after``,
+    until that many seconds past the deadline, when it stops and counts the
+    survivors in :attr:`leaked` (a process of another uid, or one in
+    uninterruptible sleep, may never go).  Neither method sleeps, and neither
+    reaps: zombies already count as gone, and their exit statuses are left to
+    their owners (see the module docstring).
     """
 
     def __init__(
@@ -620,12 +636,13 @@ class TreeKill:
         effect_id: str,
         root: ProcessIdentity | None,
         grace: float = DEFAULT_KILL_GRACE,
-        protected_pids: Callable[[], set[int]] | None = None,
+        give_up_after: float | None = None,
     ) -> None:
         self.effect_id = effect_id
         self.root = root
         self.grace = max(0.0, float(grace))
-        self._protected = protected_pids
+        self.give_up_after = give_up_after
+        self.leaked = 0  #: survivors when the kill gave up (see ``give_up_after``)
         self._leader: int | None = None
         self._deadline: float | None = None
         self._started = False
@@ -664,17 +681,8 @@ class TreeKill:
 
     # -- internals ---------------------------------------------------------
 
-    def _protected_now(self) -> set[int]:
-        if self._protected is None:
-            return set()
-        try:
-            return set(self._protected())
-        except Exception:  # never reap on doubt
-            return {e.proc.pid for e in _snapshot().entries.values()}
-
     def _scan(self) -> list[ProcessIdentity]:
         snap = _snapshot()
-        _reap_from(snap, self._protected_now())
         procs = _collect(snap, self.effect_id, self.root, self._leader, self._marker_cache)
         self._survivors = procs
         idents: list[ProcessIdentity] = []
@@ -753,6 +761,92 @@ class TreeKill:
                 return True
             if before.issuperset(idents):
                 break  # nothing new: the rest is just still dying
+        if self.give_up_after is not None and now >= self._deadline + self.give_up_after:
+            self.leaked = len(idents)
+            self._done = True
+            return True
+        return False
+
+
+#: Seconds past the SIGKILL deadline after which a worker's kill stops waiting and reports the
+#: survivors as leaked: a killable process is gone within milliseconds of SIGKILL.
+KILL_GIVE_UP = 0.5
+
+
+def pipe_holders(inodes: Iterable[int]) -> list[tuple[ProcessIdentity, bool]]:
+    """Live processes other than this one with a descriptor on one of the pipes ``inodes``, each
+    with whether it runs as our uid (only those are ever signalled).
+
+    One ``/proc`` pass reading every visible process's fd table: meant for the rare case of an
+    effect whose tree is gone while its output pipes stay open. Processes whose fd table we may
+    not read (another user's, when not root) are not found."""
+    targets = {f"pipe:[{ino}]" for ino in inodes}
+    me = os.getpid()
+    found: list[tuple[ProcessIdentity, bool]] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or not _signallable(int(name)) or int(name) == me:
+            continue
+        pid = int(name)
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # gone, or not ours to look at
+        holds = False
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in targets:
+                    holds = True
+                    break
+        if not holds:
+            continue
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() in _DEAD_STATUSES:
+                continue
+            ident = ProcessIdentity(pid, float(proc.create_time()))
+            mine = os.getuid() in proc.uids()[:2]
+        except (psutil.Error, OSError, ValueError):
+            continue
+        found.append((ident, mine))
+    return found
+
+
+class PipeHolderKill:
+    """Kill what still holds an effect's output pipes once its tree kill found nothing left.
+
+    Such processes escaped the tree, the session and the marker (``setsid env -i``, the
+    documented gap of :func:`effect_processes`) but inherited the pipes, which they would keep
+    open -- and the effect unfinished -- for as long as they live. Same two phases as
+    :class:`TreeKill` (SIGTERM + SIGCONT now, SIGKILL from ``kill_at``), never signalling another
+    uid's processes. :meth:`poll` returns ``True`` once no holder we may kill is left, or
+    :data:`KILL_GIVE_UP` after ``kill_at``; :attr:`leaked` then counts the holders still alive.
+    Pids in ``ignore`` (survivors a tree kill already gave up on and counted) are left out.
+    """
+
+    def __init__(self, inodes: Iterable[int], kill_at: float, ignore: Iterable[int] = ()) -> None:
+        self.inodes = frozenset(inodes)
+        self.kill_at = kill_at
+        self.ignore = frozenset(ignore)
+        self.done = False
+        self.leaked = 0
+        self._termed: set[ProcessIdentity] = set()
+
+    def poll(self, now: float) -> bool:
+        if self.done:
+            return True
+        holders = [(ident, mine) for ident, mine in pipe_holders(self.inodes) if ident.pid not in self.ignore]
+        ours = [ident for ident, mine in holders if mine]
+        self.leaked = len(holders)
+        if not ours or now >= self.kill_at + KILL_GIVE_UP:
+            self.done = True
+            return True
+        for ident in ours:
+            if now >= self.kill_at:
+                _send_signal(ident, signal.SIGKILL)
+            elif ident not in self._termed:
+                self._termed.add(ident)
+                if _send_signal(ident, signal.SIGTERM):
+                    _send_signal(ident, signal.SIGCONT)
         return False
 
 
@@ -780,20 +874,16 @@ def kill_tree(
     root: ProcessIdentity | None,
     grace: float = DEFAULT_KILL_GRACE,
     timeout: float = 30.0,
-    *,
-    protected_pids: Callable[[], set[int]] | None = None,
 ) -> bool:
     """Blocking convenience: kill the effect's tree, ``True`` once all of it is gone.
 
-    Drives a :class:`TreeKill` and waits between polls with
-    ``psutil.wait_procs`` (short slices, so newly forked processes are picked
-    up).  Processes in ``protected_pids()`` are never waited on that way since
-    psutil would reap them; they are watched through pidfds instead.  Returns
-    ``False`` if something is still alive after ``timeout`` seconds.  As for
-    :class:`TreeKill`, pass ``protected_pids`` when the caller holds ``Popen``
-    objects for children of this process.
+    Drives a :class:`TreeKill` and waits between polls on the survivors'
+    pidfds (short slices, so newly forked processes are picked up) -- never
+    with ``psutil.wait_procs``, which reaps our children and would steal their
+    exit statuses from their owners.  Returns ``False`` if something is still
+    alive after ``timeout`` seconds.
     """
-    tk = TreeKill(effect_id, root, grace, protected_pids)
+    tk = TreeKill(effect_id, root, grace)
     end = time.monotonic() + max(0.0, timeout)
     tk.start()
     while True:
@@ -806,12 +896,7 @@ def kill_tree(
         deadline = tk.deadline
         if deadline is not None and now < deadline:
             slice_ = min(slice_, deadline - now)
-        protected = set(protected_pids()) if protected_pids is not None else set()
-        survivors = tk.survivors
-        waitable = [p for p in survivors if p.pid not in protected]
-        if waitable:
-            psutil.wait_procs(waitable, timeout=max(slice_, 0.001))
-        elif hasattr(os, "pidfd_open"):
-            _wait_pidfds((p.pid for p in survivors), max(slice_, 0.001))
+        if hasattr(os, "pidfd_open"):
+            _wait_pidfds((p.pid for p in tk.survivors), max(slice_, 0.001))
         else:  # pragma: no cover - no pidfds: bounded back-off before re-scanning
             time.sleep(max(slice_, 0.001))

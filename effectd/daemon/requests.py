@@ -55,7 +55,7 @@ def _without_env(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 RESULT_FIELDS = ("id", "state", "reason", "exit_code", "signal", "result", "error", "attempt",
-                 "sizes", "truncated")
+                 "sizes", "truncated", "leaked_processes")
 
 
 class RequestHandlers:

@@ -28,11 +28,22 @@ import msgpack
 import psutil
 
 from effectd.daemon.output import OutputWriter
-from effectd.daemon.proctree import EFFECT_MARKER_ENV, ProcessIdentity, TreeKill, own_children
+from effectd.daemon.proctree import (
+    EFFECT_MARKER_ENV,
+    KILL_GIVE_UP,
+    PipeHolderKill,
+    ProcessIdentity,
+    TreeKill,
+    collect_exit_status,
+    own_children,
+)
 from effectd.ipc import codec
 
 READ_CHUNK = 64 * 1024
 MAX_RESULT_BYTES = 16 * 1024 * 1024
+EXIT_STATUS_UNKNOWN = "exit_status_unknown"
+"""Reason of a run that ends ``lost`` because its main process's exit status could not be
+collected (ECHILD): never reported as success."""
 LEFTOVER_GRACE = 1.0
 """Seconds a background process left behind by a finished shell effect gets between SIGTERM and
 SIGKILL: an effect ends when its main process exits, and nothing it started may outlive it."""
@@ -93,6 +104,9 @@ class Run:
 
     def _finish(self, state: str, **fields: Any) -> list[Chunk]:
         chunks = [Chunk(s, off, data) for s, off, data in self.writer.finish()]
+        if state == "succeeded" and self.writer.write_error is not None:
+            # Output went missing (e.g. disk full): not a success anyone may build on.
+            state, fields["reason"] = "failed", self.writer.write_error
         self.report = {
             "id": self.effect_id, "attempt": self.attempt, "state": state,
             "sizes": self.writer.sizes(), "truncated": self.writer.truncated(),
@@ -185,8 +199,11 @@ class ShellRun(Run):
         self._pipe_files: dict[int, Any] = {}
         self._pidfd = -1
         self._exit_status: int | None = None
+        self._collected = False  # the main pid's status was collected (or is known to be lost)
         self._kill: TreeKill | None = None
         self._leftover_kill: TreeKill | None = None
+        self._holder_kill: PipeHolderKill | None = None
+        self._pipe_inodes: set[int] = set()
         self.spawn_error: dict[str, Any] | None = None
         self._stdin_w = -1
         self._stdin_source = stdin_source
@@ -234,6 +251,7 @@ class ShellRun(Run):
             os.set_blocking(fd, False)
             self._pipes[fd] = name
             self._pipe_files[fd] = pipe
+            self._pipe_inodes.add(os.fstat(fd).st_ino)  # to find who else holds them (escapees)
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except OSError:
@@ -349,14 +367,25 @@ class ShellRun(Run):
         return []
 
     def _reap(self) -> None:
-        if self.proc is None or self._exit_status is not None:
+        """Collect the main process's exit status: only here, only for its pid (never through
+        ``Popen.poll``, which turns ECHILD into exit code 0)."""
+        if self.proc is None or self.pid is None or self._collected:
             return
-        status = self.proc.poll()
-        if status is not None:
-            self._exit_status = status
-            if self._pidfd >= 0:
-                os.close(self._pidfd)
-                self._pidfd = -1
+        done, status = collect_exit_status(self.pid, self._pidfd)
+        if done:
+            self._mark_collected(status)
+
+    def _mark_collected(self, status: int | None) -> None:
+        assert self.proc is not None
+        self._collected = True
+        self._exit_status = status
+        # Popen must never wait on this pid again: once reaped it may belong to another
+        # process (and a Popen dropped un-waited is waited on by pid from CPython's cleanup).
+        # Its returncode is only that flag here; the run's report holds the truth.
+        self.proc.returncode = status if status is not None else -1
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
 
     def _has_leftovers(self) -> bool:
         """Did the effect leave processes behind? The worker is their subreaper, so any survivor
@@ -372,69 +401,117 @@ class ShellRun(Run):
                     return True
         return False
 
-    def protected_pids(self) -> set[int]:
-        return {self.pid} if self.pid is not None and self._exit_status is None else set()
+    def owned_pids(self) -> set[int]:
+        """Pids whose exit status this run has yet to collect: nobody else may reap them."""
+        return {self.pid} if self.pid is not None and self.proc is not None and not self._collected else set()
 
     def stop(self, state: str, reason: str) -> None:
         if self.phase is not Phase.RUNNING or self.proc is None:
             return
         self.end_state, self.end_reason = state, reason
         self.phase = Phase.KILLING
-        self._kill = TreeKill(self.effect_id, self.identity, grace=self.kill_grace,
-                              protected_pids=self.protected_pids)
-        self._kill.start()
+        self._kill = self._start_kill(self.identity, self.kill_grace)
 
     def tick(self, now: float) -> list[Chunk]:
         if self.phase is Phase.DONE:
             return []
         if self.spawn_error is not None:
             return self._finish("failed", reason="spawn_failed", error=self.spawn_error)
+        mono = time.monotonic()  # kill deadlines are monotonic; ``now`` is the worker's wall clock
         if self._pidfd < 0:
             self._reap()  # no pidfd on this kernel: fall back to polling
-        if self._exit_status is None:
+        if not self._collected:
             self._feed_stdin()
         elif self._stdin_w >= 0:
             os.close(self._stdin_w)
             self._stdin_w = -1
-        if self.phase is Phase.RUNNING and self.deadline is not None and time.monotonic() >= self.deadline:
+        if self.phase is Phase.RUNNING and self.deadline is not None and mono >= self.deadline:
             self.stop("timed_out", "timeout")
         chunks: list[Chunk] = []
-        if self._kill is not None and not self._kill.done:
-            self._kill.poll(now)
-        if self._exit_status is not None and self._pipes:
+        self._advance_kills(mono)
+        if self._collected and self._pipes:
             # Main process gone but a pipe is still open: a background process inherited it.
             for fd in list(self._pipes):
                 chunks += self._read(fd)
             if self._pipes and self._leftover_kill is None and self._kill is None:
-                self._leftover_kill = TreeKill(self.effect_id, None, grace=LEFTOVER_GRACE,
-                                               protected_pids=self.protected_pids)
-                self._leftover_kill.start()
-        if self._leftover_kill is not None and not self._leftover_kill.done:
-            self._leftover_kill.poll(now)
-        if self._exit_status is None or self._pipes:
-            return chunks
-        if self._kill is not None and not self._kill.done:
+                self._leftover_kill = self._start_kill(None, LEFTOVER_GRACE)
+            if self._pipes:
+                chunks += self._drive_holder_kill(mono)
+        if not self._collected or self._pipes or self._killing():
             return chunks
         if self._leftover_kill is None and self._kill is None and self._has_leftovers():
             # Normal exit with pipes closed; still take down anything it left behind.
-            self._leftover_kill = TreeKill(self.effect_id, None, grace=LEFTOVER_GRACE)
-            self._leftover_kill.start()
+            self._leftover_kill = self._start_kill(None, LEFTOVER_GRACE)
             return chunks
-        if self._leftover_kill is not None and not self._leftover_kill.done:
-            return chunks
+        return chunks + self._conclude()
+
+    def _start_kill(self, root: ProcessIdentity | None, grace: float) -> TreeKill:
+        # A worker's kill gives up shortly after SIGKILL: an effect must end within its grace
+        # (+ 1 s) even if something of it cannot be killed; what survives is reported as leaked.
+        kill = TreeKill(self.effect_id, root, grace=grace, give_up_after=KILL_GIVE_UP)
+        kill.start()
+        return kill
+
+    def _killing(self) -> bool:
+        # The holder kill does not count: it only matters while the pipes are open.
+        return any(k is not None and not k.done for k in (self._kill, self._leftover_kill))
+
+    def _advance_kills(self, mono: float) -> None:
+        for kill in (self._kill, self._leftover_kill):
+            if kill is not None and not kill.done:
+                kill.poll(mono)
+        if self._kill is not None and self._kill.leaked and not self._collected:
+            self._reap()
+            if not self._collected:
+                # The main process outlived SIGKILL (uninterruptible sleep): its status will
+                # not come in time. Give it up (counted as leaked); the orphan reaper collects it.
+                self._mark_collected(None)
+
+    def _drive_holder_kill(self, mono: float) -> list[Chunk]:
+        """The tree is gone (or given up) and the pipes are still open: escaped processes hold
+        them. Kill those we may, then close our ends whatever still holds them."""
+        tree_kills = [k for k in (self._kill, self._leftover_kill) if k is not None]
+        if any(not k.done for k in tree_kills):
+            return []
+        if self._holder_kill is None:
+            deadlines = [k.deadline for k in tree_kills if k.deadline is not None]
+            given_up = {p.pid for k in tree_kills if k.leaked for p in k.survivors}  # counted there
+            self._holder_kill = PipeHolderKill(self._pipe_inodes, max([mono, *deadlines]), ignore=given_up)
+        if not self._holder_kill.poll(mono):
+            return []
+        chunks: list[Chunk] = []
+        for fd in list(self._pipes):
+            chunks += self._read(fd)
+            if fd in self._pipes:
+                self._close_pipe(fd)
+        return chunks
+
+    def _leaked(self) -> int:
+        """Processes of the effect still alive as it ends: survivors of a kill that gave up, and
+        holders of its pipes we could not kill (a holder kill cut short by EOF found none)."""
+        leaked = sum(k.leaked for k in (self._kill, self._leftover_kill) if k is not None)
+        if self._holder_kill is not None and self._holder_kill.done:
+            leaked += self._holder_kill.leaked
+        return leaked
+
+    def _conclude(self) -> list[Chunk]:
         status = self._exit_status
+        if status is None:
+            # Nobody can say how it ended; "succeeded" would be a guess.
+            if self.end_state is not None:
+                return self._finish(self.end_state, reason=self.end_reason)
+            return self._finish("lost", reason=EXIT_STATUS_UNKNOWN)
         exit_code = status if status >= 0 else None
         sig = -status if status < 0 else None
         if self.end_state is not None:
-            return chunks + self._finish(self.end_state, reason=self.end_reason, exit_code=exit_code,
-                                         signal=sig)
+            return self._finish(self.end_state, reason=self.end_reason, exit_code=exit_code, signal=sig)
         if status == 0:
-            return chunks + self._finish("succeeded", exit_code=0)
+            return self._finish("succeeded", exit_code=0)
         reason = f"killed by {signal_name(sig)}{_LIMIT_SIGNALS.get(sig, '')}" if sig else f"exit code {status}"
-        return chunks + self._finish("failed", reason=reason, exit_code=exit_code, signal=sig)
+        return self._finish("failed", reason=reason, exit_code=exit_code, signal=sig)
 
     def next_deadline(self) -> float | None:
-        if self.phase is Phase.KILLING or (self._exit_status is not None and self.phase is not Phase.DONE):
+        if self.phase is Phase.KILLING or (self._collected and self.phase is not Phase.DONE):
             return time.monotonic() + 0.05  # kill in progress: re-check soon
         if self._stdin_w >= 0:
             return time.monotonic() + STDIN_POLL
@@ -446,7 +523,7 @@ class ShellRun(Run):
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._stdin_w = self._progress_r = -1
-        return super()._finish(state, **fields)
+        return super()._finish(state, leaked_processes=self._leaked(), **fields)
 
 
 class SleepRun(Run):

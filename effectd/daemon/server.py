@@ -69,6 +69,9 @@ TURN_WARNING = 0.5
 """A loop turn longer than this is logged (when it is the longest so far)."""
 SHUTDOWN_OVERRUN = 15.0
 """Seconds past drain + kill grace after which shutdown stops without concluding everything."""
+COMMIT_RETRY_DELAY = 1.0
+"""After a failed commit, seconds before the daemon concludes its own kills again (workers re-send
+their reports every few seconds by themselves): retrying on every loop turn would spin."""
 EXIT_JOURNAL_LOST = 74
 """EX_IOERR: the journal was deleted or replaced under us. Non-zero, so systemd's
 ``Restart=on-failure`` starts a new daemon on whatever journal is at the path now."""
@@ -92,6 +95,21 @@ class PendingKill:
     kill: TreeKill
     state: EffectState
     reason: str
+
+
+def _matches_record(eff: Effect, rec: dict[str, Any]) -> bool:
+    """Whether the in-memory effect agrees with its journal record on what decides its course."""
+    return (eff.state.value == rec["state"] and eff.attempt == (rec.get("attempt") or 0)
+            and eff.worker == rec.get("worker") and eff.cancel_requested == rec.get("cancel_requested"))
+
+
+def _outcome_without_worker(eff: Effect) -> tuple[EffectState, str]:
+    """How a running effect ends when no worker is left to report it."""
+    if eff.cancel_requested == "daemon_stopped":
+        return EffectState.LOST, "daemon_stopped"
+    if eff.cancel_requested:
+        return EffectState.CANCELLED, eff.cancel_requested
+    return EffectState.FAILED, "worker_lost"
 
 
 class Daemon:
@@ -124,6 +142,7 @@ class Daemon:
         self.spawn_not_before = 0.0
         self.journal_lost: JournalLost | None = None
         self.exit_code = 0
+        self.conclude_not_before = 0.0
         self._last_hb_sent = 0.0
         self._last_pool_check = 0.0
         self.hearing = HearingClock(min(TURN_ALLOWANCE, config.heartbeat))
@@ -273,18 +292,53 @@ class Daemon:
                 kept.append((sock, [frames[0], b"", codec.pack(error_reply(rid, exc.code, exc.message))], False))
             # assignments, acks and events of the failed batch are dropped: the journal is the truth
         self.outbox = kept
-        # Memory may be ahead of the journal now: reload what the journal holds.
+        self.conclude_not_before = time.monotonic() + COMMIT_RETRY_DELAY
+        self._resync_with_journal()
+
+    def _resync_with_journal(self) -> None:
+        """Memory may be ahead of the journal after a failed batch: make it what the journal holds,
+        including effects whose conclusion was lost (they were already dropped from memory), and
+        re-arm what concludes them again: their worker re-sends its unacknowledged report; an
+        effect no live worker supervises is killed and concluded here again."""
+        now = time.time()
+        durable = {rec["id"]: rec for rec in self.journal.unfinished()}
         for eid in list(self.sched.effects):
-            if self.journal.get(eid) is None:
-                self.sched.release(self.sched.effects.pop(eid), time.time())
-        for rec in self.journal.unfinished():
-            eff = self.sched.effects.get(rec["id"])
-            if eff is not None and eff.state.value != rec["state"]:
-                self.sched.release(eff, time.time())
-                restored = Effect.from_record(rec)
-                restored.seq = eff.seq
-                self.sched.effects[rec["id"]] = restored
+            if eid not in durable:  # submitted in the failed batch: never acknowledged
+                self.sched.release(self.sched.effects.pop(eid), now)
+        for eid, rec in durable.items():
+            eff = self.sched.effects.get(eid)
+            if eff is not None and _matches_record(eff, rec):
+                continue
+            if eff is not None:
+                self.sched.release(eff, now)
+            restored = Effect.from_record(rec)
+            self.sched.add(restored)
+            if eff is not None:
+                restored.seq = eff.seq  # keeps its place in the queue
+            self._supervise_restored(restored)
         self.sched.reindex_backoffs()
+
+    def _supervise_restored(self, eff: Effect) -> None:
+        if eff.state is not EffectState.RUNNING or eff.id in self.pending_kills or eff.id in self.adopting:
+            return
+        worker = self.sched.workers.get(eff.worker or "")
+        if worker is not None and worker.state is not WorkerState.DEAD:
+            worker.effects.add(eff.id)
+            if eff.kind is EffectKind.PYTHON:
+                worker.python_effect = eff.id
+            return
+        self.kill_then_conclude(eff, *_outcome_without_worker(eff))
+
+    def _journaled(self, step: Any, *args: Any) -> None:
+        """Run a loop step whose journal writes may fail mid-way (disk full): then the whole batch
+        is refused, as when its commit fails, and memory goes back to what the journal holds."""
+        try:
+            step(*args)
+        except DiskFull as exc:
+            log.error("journal write failed, refusing this batch: %s", exc)
+            self.journal.rollback()
+            self._after_failed_commit(exc)
+            self.final_markers = []
 
     # ---- control requests -----------------------------------------------------------------
 
@@ -487,6 +541,7 @@ class Daemon:
             fields = {k: rep.get(k) for k in ("exit_code", "signal", "result", "error")}
             fields["sizes"] = rep.get("sizes") or {}
             fields["truncated"] = rep.get("truncated") or {}
+            fields["leaked_processes"] = rep.get("leaked_processes") or 0
             self.pending_kills.pop(eff.id, None)
             # The worker's own clock says when it ran: a report delivered after a daemon restart
             # must not stretch the effect to the time of re-adoption.
@@ -523,11 +578,7 @@ class Daemon:
                 log.warning("%d worker crashes in %.0fs: next worker start delayed %.1fs", recent,
                             CRASH_WINDOW, backoff)
         for eff in effects:
-            reason = eff.cancel_requested or "worker_lost"
-            state = EffectState.CANCELLED if eff.cancel_requested else EffectState.FAILED
-            if eff.cancel_requested == "daemon_stopped":
-                state = EffectState.LOST
-            self.kill_then_conclude(eff, state, reason)
+            self.kill_then_conclude(eff, *_outcome_without_worker(eff))
         worker.effects.clear()
         worker.python_effect = None
         del self.sched.workers[worker.id]
@@ -554,7 +605,7 @@ class Daemon:
                     self.unclaimed_after_crash(eff)
                 self.adopting.pop(eid, None)
         for eid, pk in list(self.pending_kills.items()):
-            if pk.kill.poll(now):
+            if now >= self.conclude_not_before and pk.kill.poll(now):
                 del self.pending_kills[eid]
                 eff = self.sched.effects.get(eid)
                 if eff is not None and eff.state is EffectState.RUNNING:
@@ -728,7 +779,7 @@ class Daemon:
                 log.warning("the loop could not listen for %.1fs (stopped or stalled); workers' liveness "
                             "windows are extended by that much", deaf)
             if self.workers_sock in events:
-                self._drain(self.workers_sock, self.on_worker)
+                self._journaled(self._drain, self.workers_sock, self.on_worker)
             if self.control in events:
                 self._drain(self.control, self.on_control)
             if self.publish in events:
@@ -737,7 +788,7 @@ class Daemon:
                 self._forward_subscriptions()
             if self.intake.busy:
                 self.intake.step()
-            self.tick()
+            self._journaled(self.tick)
             self.flush()
             self._note_turn(time.monotonic() - turn_started)
 

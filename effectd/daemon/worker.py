@@ -188,6 +188,19 @@ class Worker:
         for fd in self._capture:
             self._read_capture(fd)
 
+    def _reap_orphans(self) -> None:
+        """Collect zombies of orphans adopted as subreaper, never a pid someone owns: each shell
+        run's main pid is its own to collect, and while a python effect runs (or may still run,
+        in a worker it poisoned) any child may be one of its subprocesses, whose status its code
+        will ask for - they are collected once it ended."""
+        if self.exit_after_ack or any(isinstance(r, PythonRun) for r in self.runs.values()):
+            return
+        owned: set[int] = set()
+        for run in self.runs.values():
+            if isinstance(run, ShellRun):
+                owned |= run.owned_pids()
+        reap_orphan_zombies(owned)
+
     def _main_pids(self) -> set[int]:
         return {r.pid for r in self.runs.values() if r.pid is not None}
 
@@ -345,13 +358,9 @@ class Worker:
                     self._after_run_step(run, chunks)
                 if run.effect_id in self.runs:
                     self._after_run_step(run, run.tick(wall))
-            protected: set[int] = set()
-            for run in self.runs.values():
-                if isinstance(run, ShellRun):
-                    protected |= run.protected_pids()
             if time.monotonic() - self.last_reap >= REAP_INTERVAL:
                 self.last_reap = time.monotonic()
-                reap_orphan_zombies(protected)
+                self._reap_orphans()
             self._heartbeat(time.monotonic())
         self.close()
         return 0

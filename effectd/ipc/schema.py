@@ -507,7 +507,7 @@ FINISH_FIELDS: tuple[Field, ...] = (
     Field("id", "id", required=True),
     Field("attempt", "int", required=True, min=1),
     Field("state", "str", required=True,
-          choices=("succeeded", "failed", "cancelled", "timed_out")),
+          choices=("succeeded", "failed", "cancelled", "timed_out", "lost")),
     Field("reason", "str", max_len=256),
     Field("exit_code", "int"),
     Field("signal", "int"),
@@ -515,6 +515,7 @@ FINISH_FIELDS: tuple[Field, ...] = (
     Field("error", "map", items="any"),
     Field("sizes", "map", items="int"),
     Field("truncated", "map", items="int"),
+    Field("leaked_processes", "int", min=0, doc="processes of the effect still alive as it ended"),
     Field("finished_at", "num"),
     Field("started_at", "num"),
 )

@@ -51,6 +51,77 @@ CREATE INDEX IF NOT EXISTS events_effect ON events(effect_id);
 """
 
 
+RESERVE_BYTES = 1024 * 1024
+"""Space the journal keeps allocated in ``journal.sqlite3.reserve`` beside it (at most 1/16 of the
+filesystem), so that when the filesystem fills up (other programs; effects' output stops short of
+it, ``daemon.output.STATE_HEADROOM_BYTES``) the daemon can still commit the conclusions of the
+running effects (a few dozen KiB of WAL each): the file is given back once free space runs low, or
+a commit fails, and taken again once there is room."""
+RESERVE_LOW_WATER = 64 * 1024
+RESERVE_RETRY = 10.0
+"""Seconds between attempts to take the reserve back once it was used."""
+
+
+def reserve_size(total: int) -> int:
+    """The reserve for a filesystem of ``total`` bytes."""
+    return min(RESERVE_BYTES, total // 16)
+
+
+class SpaceReserve:
+    """A preallocated file the journal gives up when the filesystem runs out of space."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.held = False
+        self._last_try = float("-inf")
+        self.take()
+
+    def _space(self) -> tuple[int, int]:
+        """(free, total) bytes of the filesystem."""
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return 0, 0
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+    def take(self) -> None:
+        """(Re)allocate the reserve, only while there is ample room (never what fills a disk)."""
+        self._last_try = time.monotonic()
+        if self.held:
+            return
+        free, total = self._space()
+        size = reserve_size(total)
+        with contextlib.suppress(OSError):
+            if size and os.stat(self.path).st_blocks * 512 >= size:  # kept from an earlier run
+                self.held = True
+                return
+        if not size or free < 2 * size:
+            return
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+            self.held = True
+        except OSError:
+            self.release()
+
+    def release(self) -> None:
+        """Give the space back."""
+        self.held = False
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    def before_commit(self) -> None:
+        if self.held and self._space()[0] < RESERVE_LOW_WATER:
+            self.release()
+
+    def after_commit(self) -> None:
+        if not self.held and time.monotonic() - self._last_try >= RESERVE_RETRY:
+            self.take()
+
+
 class JournalCorrupt(Exception):
     """The journal failed its integrity check or cannot be read; the daemon must not start over it."""
 
@@ -98,6 +169,7 @@ class Journal:
             raise JournalCorrupt(str(exc)) from exc
         st = os.fstat(self._fd)
         self._identity[""] = (st.st_dev, st.st_ino)
+        self.reserve = SpaceReserve(path.with_name(path.name + ".reserve"))
         self.commit()
         self.check_intact()  # also records the WAL and shared-memory files SQLite opened
 
@@ -133,6 +205,7 @@ class Journal:
         so nothing is written to a file nobody will read, and after it, for a race with it)."""
         if not self._in_batch:
             return
+        self.reserve.before_commit()
         try:
             self.check_intact()
         except JournalLost:
@@ -142,9 +215,16 @@ class Journal:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self.rollback()
+            # A failed COMMIT is rolled back whole. Make room for the batch, redone (workers
+            # re-send their reports): free the reserve, and fold the WAL into the database and
+            # truncate it (it only shrinks at such a checkpoint, and may be megabytes).
+            self.reserve.release()
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             raise DiskFull(f"journal commit failed: {exc}") from exc
         self._in_batch = False
         self.commits += 1
+        self.reserve.after_commit()
         self.check_intact()
 
     def check_intact(self) -> None:

@@ -67,7 +67,7 @@ def handle(req: dict[str, Any]) -> dict[str, Any]:
         assert i is not None
         return {"root": [i.pid, i.create_time]}
     if op == "kill":
-        tk = pt.TreeKill(req["effect"], ident(req.get("root")), req["grace"], protected)
+        tk = pt.TreeKill(req["effect"], ident(req.get("root")), req["grace"])
         t0 = time.monotonic()
         tk.start()
         start_s = time.monotonic() - t0
@@ -83,6 +83,9 @@ def handle(req: dict[str, Any]) -> dict[str, Any]:
             if done or time.monotonic() - t0 > req.get("timeout", 10.0):
                 break
             wait_any([p.pid for p in tk.survivors], 0.05)
+        # Once the kill is done every process of the tree is a zombie (or gone, and orphans
+        # were re-parented to us before their parents died): collect ours, as the real worker does.
+        pt.reap_orphan_zombies(protected())
         return {
             "done": done,
             "elapsed": time.monotonic() - t0,
@@ -99,8 +102,8 @@ def handle(req: dict[str, Any]) -> dict[str, Any]:
             ident(req.get("root")),
             req["grace"],
             req.get("timeout", 10.0),
-            protected_pids=protected,
         )
+        pt.reap_orphan_zombies(protected())  # as the real worker does: a kill itself never reaps
         return {"done": ok, "elapsed": time.monotonic() - t0}
     if op == "wait":
         p = popens[req["pid"]]
