@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -18,9 +19,12 @@ from effectd.ipc.errors import DaemonUnavailable, EffectdError, error_from_wire
 
 
 class ReqChannel:
-    def __init__(self, ctx: zmq.Context[Any], endpoint: str, *, timeout: float, retries: int) -> None:
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str, *, timeout: float, retries: int,
+                 check: Callable[[], None] | None = None) -> None:
         self.ctx = ctx
         self.endpoint = endpoint
+        self.check = check
+        """Called before every (re)connect; raises to refuse the endpoint (an unsafe runtime dir)."""
         self.timeout = timeout
         self.retries = retries
         self._sock: zmq.Socket[bytes] | None = None
@@ -32,12 +36,20 @@ class ReqChannel:
 
     def _socket(self) -> zmq.Socket[bytes]:
         if self._sock is None:
+            if self.check is not None:
+                self.check()
             sock: zmq.Socket[bytes] = self.ctx.socket(zmq.REQ)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.connect(self.endpoint)
             self._sock = sock
         return self._sock
+
+    def retarget(self, endpoint: str) -> None:
+        """Talk to ``endpoint`` from the next request on (the live daemon's own runtime dir)."""
+        if endpoint != self.endpoint:
+            self.reset()
+            self.endpoint = endpoint
 
     def reset(self) -> None:
         if self._sock is not None:

@@ -32,9 +32,10 @@ from effectd.daemon import runners
 from effectd.daemon.output import DEFAULT_MAX_OUTPUT_BYTES, OutputWriter
 from effectd.daemon.proctree import become_subreaper, reap_orphan_zombies
 from effectd.daemon.runners import Chunk, Phase, PythonRun, Run, ShellRun, SleepRun
-from effectd.ipc import codec
+from effectd.ipc import auth, codec
+from effectd.ipc.dirs import RUNTIME_DIR, check_private_dir
 from effectd.ipc.endpoints import Endpoints, stream_hwm
-from effectd.ipc.errors import EffectdError
+from effectd.ipc.errors import EffectdError, UnsafeDirectory
 from effectd.ipc.schema import (
     DAEMON_TO_WORKER,
     PROTOCOL_VERSION,
@@ -57,14 +58,17 @@ UNACKED_RESEND = 5.0
 
 class Worker:
     def __init__(self, endpoints: Endpoints, outputs_root: Path, *, worker_id: str, slots: int,
-                 orphan_timeout: float, kill_grace: float, heartbeat: float = HEARTBEAT_INTERVAL) -> None:
+                 orphan_timeout: float, kill_grace: float, heartbeat: float = HEARTBEAT_INTERVAL,
+                 key: bytes) -> None:
         self.endpoints = endpoints
+        self.key = key
         self.outputs_root = outputs_root
         self.worker_id = worker_id
         self.slots = slots
         self.orphan_timeout = orphan_timeout
         self.kill_grace = kill_grace
         self.heartbeat = heartbeat
+        check_private_dir(endpoints.runtime, RUNTIME_DIR)  # raises: a worker never starts on an unsafe dir
         self.ctx = zmq.Context()
         self.dealer: zmq.Socket[bytes] = self._new_dealer()
         self.pub: zmq.Socket[bytes] = self.ctx.socket(zmq.PUB)
@@ -93,6 +97,11 @@ class Worker:
         sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
         sock.setsockopt(zmq.LINGER, 2000)
         sock.setsockopt(zmq.SNDHWM, 100_000)
+        try:  # at every (re)connect: the dir may have been replaced since
+            check_private_dir(self.endpoints.runtime, RUNTIME_DIR)
+        except UnsafeDirectory as exc:
+            log.error("not connecting to the daemon: %s", exc.message)
+            return sock  # unconnected; the next reconnect checks again
         sock.connect(self.endpoints.workers)
         return sock
 
@@ -166,7 +175,13 @@ class Worker:
 
     # ---- daemon messages ------------------------------------------------------------------
 
-    def handle(self, raw: bytes) -> None:
+    def handle(self, frames: list[bytes]) -> None:
+        # Only our daemon knows the key: anyone else who binds workers.sock is ignored (and does
+        # not even count as a sign of life).
+        if len(frames) != 2 or not auth.verify(self.key, frames[0], frames[1]):
+            log.warning("dropped a message without a valid MAC (%d frame(s)): not from our daemon", len(frames))
+            return
+        raw = frames[0]
         self.last_heard = time.monotonic()
         if not self.connected:
             self.connected = True
@@ -266,10 +281,10 @@ class Worker:
             if self.dealer in events:
                 for _ in range(1000):
                     try:
-                        raw = self.dealer.recv(zmq.NOBLOCK)
+                        frames = self.dealer.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self.handle(raw)
+                    self.handle(frames)
             if self._wake_r in events:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
@@ -357,16 +372,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-grace", type=float, default=5.0)
     parser.add_argument("--heartbeat", type=float, default=HEARTBEAT_INTERVAL)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--key-fd", type=int, required=True,
+                        help="inherited pipe carrying the daemon's worker key (see effectd.ipc.auth)")
     args = parser.parse_args(argv)
+    key = auth.read_key_fd(args.key_fd)  # first: closed before anything could inherit it
     logging.basicConfig(level=args.log_level.upper())
     # Our session is our own (the daemon started us with start_new_session): a Ctrl-C in the
     # daemon's terminal or a daemon crash does not reach us. SIGTERM ends us after killing effects.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     runners.reserve_progress_fd()  # before zmq opens descriptors
-    worker = Worker(Endpoints.for_runtime(args.runtime_dir), args.outputs,
-                    worker_id=args.worker_id or f"w{os.getpid()}-{uuid.uuid4().hex[:6]}",
-                    slots=args.slots, orphan_timeout=args.orphan_timeout, kill_grace=args.kill_grace,
-                    heartbeat=args.heartbeat)
+    try:
+        worker = Worker(Endpoints.for_runtime(args.runtime_dir), args.outputs,
+                        worker_id=args.worker_id or f"w{os.getpid()}-{uuid.uuid4().hex[:6]}",
+                        slots=args.slots, orphan_timeout=args.orphan_timeout, kill_grace=args.kill_grace,
+                        heartbeat=args.heartbeat, key=key)
+    except UnsafeDirectory as exc:
+        log.error("%s", exc.message)
+        return 1
 
     def on_term(signum: int, frame: Any) -> None:
         worker.stopping = True

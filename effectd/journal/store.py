@@ -133,10 +133,10 @@ class Journal:
                 self._db.execute("ROLLBACK")
             self._in_batch = False
 
-    def _write(self, sql: str, params: Iterable[Any] = ()) -> None:
+    def _write(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
         self._begin()
         try:
-            self._db.execute(sql, tuple(params))
+            return self._db.execute(sql, tuple(params))
         except sqlite3.OperationalError as exc:
             raise DiskFull(f"journal write failed: {exc}") from exc
 
@@ -159,6 +159,22 @@ class Journal:
             "INSERT INTO events (effect_id, type, time, payload) VALUES (?, ?, ?, ?)",
             (eid, event, time.time(), None if payload is None else _pack(payload)),
         )
+
+    def put_final(self, record: Mapping[str, Any], payload: Any = None) -> bool:
+        """Store an effect's final record and its one ``finished`` event - unless the stored record
+        is not ``queued``/``running`` any more: a final state never changes, so a second final
+        write is refused here, in the statement itself. Returns whether it was written."""
+        eid = record["id"]
+        cur = self._write(
+            "UPDATE effects SET state = ?, name = ?, submitted_at = ?, finished_at = ?, record = ?"
+            " WHERE id = ? AND state IN ('queued', 'running')",
+            (record["state"], record.get("name"), record["submitted_at"], record.get("finished_at"),
+             _pack(dict(record)), eid),
+        )
+        if cur.rowcount != 1:
+            return False
+        self.append_event(eid, "finished", payload)
+        return True
 
     def put_request_key(self, key: str, ids: list[str]) -> None:
         self._write("INSERT INTO request_keys VALUES (?, ?)", (key, _pack(ids)))
