@@ -187,3 +187,27 @@ def test_worker_runs_only_assignments_macd_with_its_daemons_secret(tmp_path: Pat
         assert text.count("dropped a message without a valid MAC") == 3, text
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+@pytest.mark.timeout(40)
+def test_surviving_worker_never_reconnects_through_a_swapped_runtime_dir(daemon_factory: Any) -> None:
+    """The daemon crashed (its workers survive and keep reconnecting) and its runtime dir is
+    replaced by a symlink to a dir holding a fake ``workers.sock``: the worker's reconnects -
+    its own and zmq's automatic ones - never reach the fake socket."""
+    d: DaemonHandle = daemon_factory("--heartbeat", "0.2", "--kill-grace", "1")
+    [worker] = d.worker_processes()
+    d.kill9()
+    evil = d.root / "evil"
+    evil.mkdir(mode=0o700)  # ours: a stat-based check through the symlink would accept it
+    try:
+        with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as router:
+            router.setsockopt(zmq.LINGER, 0)
+            router.bind(f"ipc://{evil}/workers.sock")
+            shutil.rmtree(d.runtime)
+            d.runtime.symlink_to(evil)
+            # The worker notices the silence (3 heartbeats), tries to reconnect, refuses the dir.
+            wait_until(lambda: "runtime dir refused" in d.log(), timeout=15,
+                       what="the worker's reconnect attempt")
+            assert not router.poll(500), "the worker connected to the fake daemon"
+    finally:
+        worker.kill()

@@ -33,7 +33,7 @@ from effectd.daemon.output import DEFAULT_MAX_OUTPUT_BYTES, OutputWriter
 from effectd.daemon.proctree import become_subreaper, reap_orphan_zombies
 from effectd.daemon.runners import Chunk, Phase, PythonRun, Run, ShellRun, SleepRun
 from effectd.ipc import auth, codec
-from effectd.ipc.dirs import RUNTIME_DIR, check_private_dir
+from effectd.ipc.dirs import RUNTIME_DIR, pin_dir
 from effectd.ipc.endpoints import Endpoints, stream_hwm
 from effectd.ipc.errors import EffectdError, UnsafeDirectory
 from effectd.ipc.schema import (
@@ -68,13 +68,13 @@ class Worker:
         self.orphan_timeout = orphan_timeout
         self.kill_grace = kill_grace
         self.heartbeat = heartbeat
-        check_private_dir(endpoints.runtime, RUNTIME_DIR)  # raises: a worker never starts on an unsafe dir
+        self._dir_fd = -1
+        self.via = endpoints
+        """The endpoints we connect to: through the pinned runtime dir (see effectd.ipc.dirs.pin_dir)."""
+        self._pin()  # raises: a worker never starts on an unsafe runtime dir
         self.ctx = zmq.Context()
         self.dealer: zmq.Socket[bytes] = self._new_dealer()
-        self.pub: zmq.Socket[bytes] = self.ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.SNDHWM, stream_hwm())
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.connect(endpoints.publish)
+        self.pub: zmq.Socket[bytes] = self._new_pub()
         self.runs: dict[str, Run] = {}
         self.unacked: dict[str, dict[str, Any]] = {}
         self.effects_done = 0
@@ -92,18 +92,42 @@ class Worker:
 
     # ---- sockets --------------------------------------------------------------------------
 
+    def _pin(self) -> None:
+        """Check the runtime dir (lstat) and pin it: our sockets, and zmq's reconnects, go to this
+        directory only. Called at start and at every reconnect of ours."""
+        fd, via = pin_dir(self.endpoints.runtime, RUNTIME_DIR)
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+        self._dir_fd = fd
+        self.via = Endpoints.for_runtime(via)
+
     def _new_dealer(self) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
         sock.setsockopt(zmq.LINGER, 2000)
         sock.setsockopt(zmq.SNDHWM, 100_000)
-        try:  # at every (re)connect: the dir may have been replaced since
-            check_private_dir(self.endpoints.runtime, RUNTIME_DIR)
-        except UnsafeDirectory as exc:
-            log.error("not connecting to the daemon: %s", exc.message)
-            return sock  # unconnected; the next reconnect checks again
-        sock.connect(self.endpoints.workers)
+        sock.connect(self.via.workers)
         return sock
+
+    def _new_pub(self) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self.ctx.socket(zmq.PUB)
+        sock.setsockopt(zmq.SNDHWM, stream_hwm())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.via.publish)
+        return sock
+
+    def _reconnect(self) -> None:
+        """Fresh sockets, through the runtime dir as it is now if it is still safe (it may have
+        been re-created by a restarted daemon), else through the one pinned before."""
+        try:
+            self._pin()
+        except UnsafeDirectory as exc:
+            log.error("runtime dir refused, staying on the previous one: %s", exc.message)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.close()
+        self.dealer = self._new_dealer()
+        self.pub.close(linger=0)
+        self.pub = self._new_pub()
 
     def send(self, msg: dict[str, Any]) -> None:
         try:
@@ -323,9 +347,7 @@ class Worker:
                 self.disconnected_since = now
                 # zmq reconnects the transport by itself, but a new daemon does not know us:
                 # a fresh socket plus READY re-registers (and re-reports our effects).
-                self.dealer.setsockopt(zmq.LINGER, 0)
-                self.dealer.close()
-                self.dealer = self._new_dealer()
+                self._reconnect()
             if self.disconnected_since is not None and now - self.disconnected_since > self.orphan_timeout:
                 log.error("no daemon for %.0fs (orphan timeout): killing effects and exiting",
                           now - self.disconnected_since)

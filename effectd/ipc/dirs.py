@@ -130,3 +130,27 @@ def state_owner(state: Path) -> dict[str, Any] | None:
     started}``; empty while it starts), or None if no daemon owns this journal."""
     text = lock_holder(state / STATE_LOCK_FILE)
     return None if text is None else parse_owner(text)
+
+
+def pin_dir(path: Path, what: str) -> tuple[int, Path]:
+    """Check ``path`` and open it (``O_PATH``); returns the fd and ``/proc/self/fd/<fd>``.
+
+    Sockets connected through that path reach this very directory whatever is put at ``path``
+    later, so zmq's own automatic reconnects (which resolve the path again, outside our code)
+    never follow a swapped or planted one. Without /proc the fd is -1 and the plain path is
+    returned (checked here, not pinned)."""
+    st = check_private_dir(path, what)
+    assert st is not None
+    try:
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UnsafeDirectory(f"cannot open {what} {path}: {exc}") from exc
+    opened = os.fstat(fd)
+    if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise UnsafeDirectory(f"refusing {what} {path}: it was replaced while being checked")
+    via = Path(f"/proc/self/fd/{fd}")
+    if not via.is_dir():
+        os.close(fd)
+        return -1, path
+    return fd, via
