@@ -170,3 +170,30 @@ def test_removed_runtime_dir_does_not_make_a_client_start_a_second_daemon(daemon
     finally:
         extra = stop_extra_daemons(d.state, keep=d.pid)
     assert not extra, f"a second daemon was started on the same state dir: {extra}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_final_state_is_written_once_even_by_two_daemons_on_one_journal(
+        daemon_factory: Any, tmp_path: Path) -> None:
+    """Force two daemons onto one journal (the first one's lock file is deleted, so the second
+    one can lock a new one) on two runtime dirs: the second gives the first one's running
+    effects up as lost while the first one's workers report them; the journal takes only the
+    first final state of each, and the first daemon, having lost the journal, stops."""
+    first = daemon_factory("--kill-grace", "1")
+    c = first.client()
+    ids = [c.submit_shell("sleep 1.5") for _ in range(8)]
+    wait_until(lambda: all(r.state is EffectState.RUNNING for r in c.status_many(ids)), what="all running")
+    (first.state / "daemon.json").unlink()
+    second = second_on_same_state(daemon_factory, first, "--adopt-grace", "0.2", "--kill-grace", "1")
+    second.start(wait=False)
+    try:
+        wait_until(lambda: (first.state / "journal.sqlite3").exists()
+                   and len(final_events(first.state)) == len(ids), timeout=30, what="every effect final")
+        assert first.proc is not None
+        first.proc.wait(30)  # it lost the journal's lock to the second one: it drained and stopped
+        finals = final_events(first.state)
+        assert [finals[eid] for eid in ids] == [1] * len(ids), (finals, first.log()[-3000:])
+        assert "lost the journal's lock" in first.log()
+    finally:
+        stop_extra_daemons(first.state, keep=-1)

@@ -77,6 +77,18 @@ class FileLock:
         who = f"pid {pid}" if pid else "another process"
         return f"effectd is already running for {self.path.parent} ({who})"
 
+    def still_ours(self) -> bool:
+        """Whether the file at the path is still the one we hold locked. False once it (or its
+        dir) was removed or replaced: nobody can see our lock any more."""
+        if self.fd < 0:
+            return False
+        try:
+            at_path = os.lstat(self.path)
+        except OSError:
+            return False
+        held = os.fstat(self.fd)
+        return (at_path.st_dev, at_path.st_ino) == (held.st_dev, held.st_ino)
+
     def release(self) -> None:
         if self.fd >= 0:
             with contextlib.suppress(OSError):
@@ -91,16 +103,6 @@ class RuntimeLock(FileLock):
 
     def acquire_for_us(self) -> None:
         self.acquire(f"{os.getpid()}\n")
-
-    def still_ours(self) -> bool:
-        """Whether the lock file at the path is still the one we hold. False once the runtime dir
-        was removed (logind at logout, tmpfiles) or replaced: clients can no longer find us."""
-        try:
-            at_path = os.lstat(self.path)
-        except OSError:
-            return False
-        held = os.fstat(self.fd)
-        return (at_path.st_dev, at_path.st_ino) == (held.st_dev, held.st_ino)
 
     def retake(self) -> None:
         """Take the lock of a re-created runtime dir (the old file is gone with the old dir)."""
@@ -118,6 +120,12 @@ class StateLock(FileLock):
         info: dict[str, Any] = {"pid": os.getpid(), "runtime_dir": str(runtime), "instance": instance,
                                 "started": time.time()}
         self.acquire(json.dumps(info))
+
+    def retake_for(self, runtime: Path, instance: str) -> None:
+        """Lock a re-created ``daemon.json`` (someone removed ours), or raise AlreadyRunning if
+        another daemon got it first."""
+        self.release()
+        self.acquire_for(runtime, instance)
 
     def refusal(self, pid: int | None, held: str) -> str:
         runtime = parse_owner(held).get("runtime_dir") or "unknown"

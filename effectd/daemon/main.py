@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"effectd: {exc}", file=sys.stderr)
         state_lock.release()
         return EXIT_ALREADY_RUNNING
-    daemon.runtime_lock = lock
+    daemon.runtime_lock, daemon.state_lock = lock, state_lock
     SystemdNotifier.scrub_environ(os.environ)
     try:
         daemon.open_state()

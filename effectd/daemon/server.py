@@ -29,7 +29,7 @@ import zmq
 from effectd.daemon.config import DaemonConfig
 from effectd.daemon.core import Effect, Limits, Scheduler, Worker, WorkerState
 from effectd.daemon.ids import UlidGenerator
-from effectd.daemon.lock import AlreadyRunning, RuntimeLock
+from effectd.daemon.lock import AlreadyRunning, RuntimeLock, StateLock
 from effectd.daemon.pool import WorkerProcesses
 from effectd.daemon.proctree import ProcessIdentity, TreeKill
 from effectd.daemon.requests import RequestHandlers, Waiter
@@ -115,6 +115,8 @@ class Daemon:
         self.worker_key = b""
         self.runtime_lock: RuntimeLock | None = None
         """Set by main once taken; watched so a vanished runtime dir is restored."""
+        self.state_lock: StateLock | None = None
+        """Set by main once taken; watched so that losing the journal's lock stops us."""
         self._last_runtime_check = 0.0
 
     # ---- setup ----------------------------------------------------------------------------
@@ -173,10 +175,11 @@ class Daemon:
         old listeners stay open: connections accepted through them (workers, clients) are not
         tied to the file and keep working, so nothing in flight is lost. If the dir cannot be
         ours again, drain and stop: a daemon nobody can reach must not keep the journal."""
-        if self.runtime_lock is None or now - self._last_runtime_check < RUNTIME_CHECK_INTERVAL:
+        if now - self._last_runtime_check < RUNTIME_CHECK_INTERVAL:
             return
         self._last_runtime_check = now
-        if self.runtime_lock.still_ours():
+        self.watch_state_lock()
+        if self.runtime_lock is None or self.runtime_lock.still_ours():
             return
         runtime = self.config.runtime_dir
         log.warning("runtime dir %s vanished or was replaced; restoring it", runtime)
@@ -193,6 +196,20 @@ class Daemon:
         finally:
             os.umask(old_umask)
         log.info("runtime dir %s restored", runtime)
+
+    def watch_state_lock(self) -> None:
+        """If our ``daemon.json`` was removed, lock a new one at once; if another daemon got it
+        first, it owns the journal now: drain and stop (the journal refuses second final states
+        meanwhile)."""
+        if self.state_lock is None or self.state_lock.still_ours():
+            return
+        try:
+            self.state_lock.retake_for(self.config.runtime_dir, self.instance)
+            log.warning("the state dir's lock file was removed; locked a new one")
+        except (AlreadyRunning, OSError) as exc:
+            log.error("lost the journal's lock (%s): stopping", exc)
+            self.state_lock = None
+            self.begin_shutdown(drain=True)
 
     def recover(self) -> None:
         """Load unfinished effects. Queued ones run as normal; running ones wait ``adopt_grace``
