@@ -82,7 +82,6 @@ def answering_pid(runtime: Path, state: Path) -> int | None:
     return None
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_second_runtime_dir_on_one_state_dir_exits_75_and_every_effect_ends_once(
         daemon_factory: Any, tmp_path: Path) -> None:
@@ -121,7 +120,6 @@ def test_second_runtime_dir_on_one_state_dir_exits_75_and_every_effect_ends_once
     assert not problems, problems
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_removed_runtime_dir_is_restored_and_clients_find_the_live_daemon(daemon_factory: Any) -> None:
     d = daemon_factory("--kill-grace", "1", "--heartbeat", "0.5")
@@ -172,7 +170,6 @@ def test_removed_runtime_dir_does_not_make_a_client_start_a_second_daemon(daemon
     assert not extra, f"a second daemon was started on the same state dir: {extra}"
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_final_state_is_written_once_even_by_two_daemons_on_one_journal(
         daemon_factory: Any, tmp_path: Path) -> None:

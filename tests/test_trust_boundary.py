@@ -74,7 +74,6 @@ def recv_ready(router: zmq.Socket[bytes], timeout: float) -> bytes:
     return frames[0]
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_symlinked_runtime_dir_is_refused_and_swapping_it_runs_nothing(
         other_user: pwd.struct_passwd, sticky_tmp: Path, daemon_factory: Any) -> None:
