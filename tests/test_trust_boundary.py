@@ -210,3 +210,21 @@ def test_surviving_worker_never_reconnects_through_a_swapped_runtime_dir(daemon_
             assert not router.poll(500), "the worker connected to the fake daemon"
     finally:
         worker.kill()
+
+
+@pytest.mark.timeout(40)
+def test_worker_key_is_private_kept_across_restarts_and_not_inherited_by_effects(daemon: DaemonHandle) -> None:
+    key_file = daemon.state / "worker.key"
+    key = key_file.read_bytes()
+    assert len(key) == 32 and (key_file.stat().st_mode & 0o777) == 0o600
+    c = daemon.client()
+    # The effect lists its environment and the targets of its open descriptors.
+    eid = c.submit_shell("env; ls -l /proc/self/fd/")
+    assert c.wait(eid, timeout=20).state.value == "succeeded"
+    seen = c.output(eid)
+    assert key not in seen and key.hex().encode() not in seen
+    # stdout, stderr and the progress pipe; the worker closed the key's pipe before anything ran.
+    assert seen.count(b"-> pipe:") <= 3, seen.decode(errors="replace")
+    daemon.kill9()
+    daemon.start()
+    assert key_file.read_bytes() == key  # a restarted daemon can re-adopt the old workers

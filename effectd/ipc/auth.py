@@ -33,17 +33,21 @@ def verify(key: bytes, body: bytes, mac: bytes) -> bool:
 
 
 def load_or_create_key(state: Path) -> bytes:
-    """The key in ``state/worker.key``, created (0600, never through a symlink) if missing."""
+    """The key in ``state/worker.key``, created (0600, never through a symlink) if missing.
+    The caller holds the state dir's lock, so nobody creates it concurrently; it is written to a
+    temporary file and renamed, so a crash never leaves a short key behind."""
     path = state / KEY_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        return _read_key(path)
-    try:
-        os.write(fd, os.urandom(KEY_BYTES))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if not os.path.lexists(path):
+        tmp = state / f"{KEY_FILE}.new"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, os.urandom(KEY_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
     return _read_key(path)
 
 
