@@ -218,13 +218,21 @@ def test_worker_key_is_private_kept_across_restarts_and_not_inherited_by_effects
     key = key_file.read_bytes()
     assert len(key) == 32 and (key_file.stat().st_mode & 0o777) == 0o600
     c = daemon.client()
-    # The effect lists its environment and the targets of its open descriptors.
+    # The effect lists its environment and its open descriptors.
     eid = c.submit_shell("env; ls -l /proc/self/fd/")
     assert c.wait(eid, timeout=20).state.value == "succeeded"
     seen = c.output(eid)
     assert key not in seen and key.hex().encode() not in seen
     # stdout, stderr and the progress pipe; the worker closed the key's pipe before anything ran.
     assert seen.count(b"-> pipe:") <= 3, seen.decode(errors="replace")
+    [old_worker] = daemon.worker_processes()
     daemon.kill9()
     daemon.start()
-    assert key_file.read_bytes() == key  # a restarted daemon can re-adopt the old workers
+    assert key_file.read_bytes() == key
+    # The restarted daemon re-adopts the old worker, which accepts its (MAC'd) messages.
+    c2 = daemon.client()
+    wait_until(lambda: old_worker.pid in [w["pid"] for w in c2.hello()["workers"]], timeout=15,
+               what="the old worker to be re-adopted")
+    eid = c2.submit_shell("true")
+    assert c2.wait(eid, timeout=20).state.value == "succeeded"
+    assert "without a valid MAC" not in daemon.log()
