@@ -8,6 +8,7 @@ before its commit is durable (WAL + ``synchronous=FULL``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import time
@@ -18,6 +19,8 @@ from typing import Any
 import msgpack
 
 from effectd.ipc.errors import DiskFull
+
+log = logging.getLogger("effectd.journal")
 
 SCHEMA_VERSION = 1
 
@@ -143,15 +146,23 @@ class Journal:
     # ---- writes ---------------------------------------------------------------------------
 
     def put_effect(self, record: Mapping[str, Any], event: str, payload: Any = None,
-                   *, new: bool = False) -> None:
-        """Store the effect's current record and append the event that produced it."""
+                   *, new: bool = False) -> bool:
+        """Store the effect's current (non-final) record and append the event that produced it.
+        A stored final record is never overwritten (nothing is written; returns False): a
+        final state never changes, whoever holds an older copy of the record."""
         eid = record["id"]
-        self._write(
-            "INSERT OR REPLACE INTO effects (id, state, name, submitted_at, finished_at, record)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+        cur = self._write(
+            "INSERT INTO effects (id, state, name, submitted_at, finished_at, record)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET state = excluded.state,"
+            " name = excluded.name, submitted_at = excluded.submitted_at,"
+            " finished_at = excluded.finished_at, record = excluded.record"
+            " WHERE effects.state IN ('queued', 'running')",
             (eid, record["state"], record.get("name"), record["submitted_at"],
              record.get("finished_at"), _pack(dict(record))),
         )
+        if cur.rowcount != 1:
+            log.error("refused to overwrite the final record of effect %s (event %s)", eid, event)
+            return False
         if new:
             for key, value in (record.get("labels") or {}).items():
                 self._write("INSERT OR REPLACE INTO labels VALUES (?, ?, ?)", (eid, key, value))
@@ -159,6 +170,7 @@ class Journal:
             "INSERT INTO events (effect_id, type, time, payload) VALUES (?, ?, ?, ?)",
             (eid, event, time.time(), None if payload is None else _pack(payload)),
         )
+        return True
 
     def put_final(self, record: Mapping[str, Any], payload: Any = None) -> bool:
         """Store an effect's final record and its one ``finished`` event - unless the stored record
