@@ -7,7 +7,6 @@ Every command and the client resolve directories the same way, so ``EFFECTD_RUNT
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +54,7 @@ def runtime_dir(environ: Mapping[str, str] | None = None) -> Path:
         return Path(env[RUNTIME_ENV])
     if env.get("XDG_RUNTIME_DIR"):
         return Path(env["XDG_RUNTIME_DIR"]) / "effectd"
-    tmp = env.get("TMPDIR") or tempfile.gettempdir()
-    return Path(tmp) / f"effectd-{os.getuid()}"
+    return Path(env.get("TMPDIR") or "/tmp") / f"effectd-{os.getuid()}"
 
 
 def state_dir(environ: Mapping[str, str] | None = None) -> Path:
