@@ -236,3 +236,27 @@ def test_worker_key_is_private_kept_across_restarts_and_not_inherited_by_effects
     eid = c2.submit_shell("true")
     assert c2.wait(eid, timeout=20).state.value == "succeeded"
     assert "without a valid MAC" not in daemon.log()
+
+
+@pytest.mark.timeout(40)
+def test_daemon_stops_cleanly_when_its_vanished_runtime_dir_comes_back_as_a_symlink(daemon_factory: Any) -> None:
+    d: DaemonHandle = daemon_factory("--kill-grace", "1")
+    c = d.client()
+    done = c.submit_shell("echo before")
+    assert c.wait(done, timeout=20).state.value == "succeeded"
+    elsewhere = d.root / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (elsewhere / "keep").write_text("untouched")
+    for _ in range(20):  # the daemon may re-create the dir between our two steps: try again
+        shutil.rmtree(d.runtime, ignore_errors=True)
+        with contextlib.suppress(FileExistsError):
+            d.runtime.symlink_to(elsewhere)
+            break
+    assert d.proc is not None
+    d.proc.wait(20)  # refused to restore through the symlink: drained and stopped
+    assert d.proc.returncode == 0
+    assert "cannot restore runtime dir" in d.log() and "symlink" in d.log()
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep"]
+    with Client(d.runtime, state=d.state, autostart=True) as c2, pytest.raises(DaemonUnavailable) as exc:
+        c2.hello()
+    assert "symlink" in str(exc.value)

@@ -118,6 +118,7 @@ class Daemon:
         self.state_lock: StateLock | None = None
         """Set by main once taken; watched so that losing the journal's lock stops us."""
         self._last_runtime_check = 0.0
+        self.runtime_lost = False
 
     # ---- setup ----------------------------------------------------------------------------
 
@@ -191,6 +192,7 @@ class Daemon:
         except (UnsafeDirectory, AlreadyRunning, OSError, zmq.ZMQError) as exc:
             log.error("cannot restore runtime dir %s (%s): stopping", runtime, exc)
             self.runtime_lock = None
+            self.runtime_lost = True
             self.begin_shutdown(drain=True)
             return
         finally:
@@ -759,6 +761,8 @@ class Daemon:
             sock.close()
         self.ctx.term()
         self.journal.close()
+        if self.runtime_lost:
+            return  # what is at the runtime path now is not ours to remove
         for addr in (self.endpoints.control, self.endpoints.stream, self.endpoints.workers,
                      self.endpoints.publish):
             with contextlib.suppress(FileNotFoundError):
