@@ -472,10 +472,10 @@ def daemon_stop(now: bool, timeout: float) -> None:
     """Stop the daemon (through systemd when systemd manages it)."""
     import subprocess
 
-    from effectd.client.autostart import running_pid
+    from effectd.client.autostart import daemon_pid
 
     with _client(autostart=False) as c:
-        pid = running_pid(c.runtime)
+        pid = daemon_pid(c.runtime, c.state)
         if pid is None:
             click.echo("effectd is not running")
             return
@@ -488,7 +488,7 @@ def daemon_stop(now: bool, timeout: float) -> None:
         else:
             c.shutdown(drain=not now)
         deadline = time.monotonic() + timeout
-        while running_pid(c.runtime) is not None:
+        while daemon_pid(c.runtime, c.state) is not None:
             if time.monotonic() > deadline:
                 _fail(f"effectd (pid {pid}) did not stop within {timeout:.0f}s", EXIT_FAILED)
             time.sleep(0.05)
@@ -534,10 +534,10 @@ def daemon_install_unit(scope: str, dry_run: bool, unit_dir: str | None) -> None
 @handle_errors
 def daemon_status(as_json: bool) -> None:
     """Whether the daemon runs, how it was started, and what it does."""
-    from effectd.client.autostart import running_pid
+    from effectd.client.autostart import daemon_pid
 
     with _client(autostart=False) as c:
-        pid = running_pid(c.runtime)
+        pid = daemon_pid(c.runtime, c.state)
         if pid is None:
             if as_json:
                 _json_out({"running": False, "runtime_dir": str(c.runtime)})

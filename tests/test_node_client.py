@@ -49,9 +49,11 @@ def node() -> str:
 
 @pytest.mark.timeout(120)
 def test_node_client_gap_fill_unit(node: str) -> None:
-    """The §9 loop driven by scripted live messages and an in-memory store (no daemon)."""
+    """The §9 loop driven by scripted live messages and an in-memory store, and the §1.1 runtime
+    dir checks (no daemon)."""
     proc = subprocess.run(
-        [node, "--test", str(NODE_CLIENT / "test" / "follow_unit_test.js")],
+        [node, "--test", str(NODE_CLIENT / "test" / "follow_unit_test.js"),
+         str(NODE_CLIENT / "test" / "runtime_dir_unit_test.js")],
         cwd=NODE_CLIENT,
         capture_output=True,
         text=True,

@@ -5,7 +5,7 @@
 // with a SUB socket on stream.sock and the gap-fill algorithm of §9.
 
 import { randomBytes } from "node:crypto";
-import { statSync } from "node:fs";
+import { lstatSync } from "node:fs";
 import { join } from "node:path";
 
 import { Decoder, decode, encode } from "@msgpack/msgpack";
@@ -87,21 +87,23 @@ export function resolveRuntimeDir(env = process.env) {
   if (env.EFFECTD_RUNTIME_DIR) return env.EFFECTD_RUNTIME_DIR;
   if (env.XDG_RUNTIME_DIR) return join(env.XDG_RUNTIME_DIR, "effectd");
   const uid = typeof process.getuid === "function" ? process.getuid() : 0;
-  return `/tmp/effectd-${uid}`;
+  return join(env.TMPDIR || "/tmp", `effectd-${uid}`);
 }
 
 /**
- * §1.1: the runtime dir must exist, belong to us and not be writable by group or others
- * (otherwise another local user could impersonate the daemon).
+ * §1.1: the runtime dir must exist, be a directory and not a symlink (lstat: a symlink planted at
+ * the /tmp fallback could later be pointed elsewhere), belong to us and not be writable by group
+ * or others (otherwise another local user could impersonate the daemon).
  * @param {string} dir
  */
 export function checkRuntimeDir(dir) {
   let st;
   try {
-    st = statSync(dir);
+    st = lstatSync(dir);
   } catch (err) {
     throw new EffectdError("unavailable", `runtime dir ${dir} does not exist: no daemon runs there`, { cause: err });
   }
+  if (st.isSymbolicLink()) throw new EffectdError("unsafe_runtime_dir", `runtime dir ${dir} is a symlink`);
   if (!st.isDirectory()) throw new EffectdError("unsafe_runtime_dir", `runtime dir ${dir} is not a directory`);
   const uid = typeof process.getuid === "function" ? process.getuid() : st.uid;
   if (st.uid !== uid) {

@@ -53,7 +53,7 @@ from effectd.client.sync import DEFAULT_RETRIES, DEFAULT_TIMEOUT, WAIT_SLICE
 from effectd.client.transport import batch_reply_timeout
 from effectd.ipc import codec
 from effectd.ipc.endpoints import Endpoints, check_topic, runtime_dir, state_dir, stream_hwm
-from effectd.ipc.errors import DaemonUnavailable, EffectdError, TooLarge, error_from_wire
+from effectd.ipc.errors import DaemonUnavailable, EffectdError, TooLarge, UnsafeDirectory, error_from_wire
 from effectd.ipc.schema import EffectState, build_request
 
 log = logging.getLogger("effectd.client.aio")
@@ -144,6 +144,7 @@ class AsyncClient:
         if self._closed:
             raise DaemonUnavailable("the client is closed")
         if self._sock is None:
+            autostart.check_runtime_dir(self.endpoints.runtime)  # at every (re)connect
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             # No IMMEDIATE: requests queue on the pipe until the daemon's socket exists, so a
@@ -247,11 +248,21 @@ class AsyncClient:
         err = reply.get("error") or {}
         raise error_from_wire(str(err.get("code", "internal")), str(err.get("message", "")))
 
-    async def _probe(self) -> bool:
+    def _use(self, runtime: Path) -> None:
+        """Talk to the daemon whose runtime dir is ``runtime`` (``self.runtime`` stays as asked)."""
+        if runtime != self.endpoints.runtime:
+            self.endpoints = Endpoints.for_runtime(runtime)
+            if self._sock is not None:
+                self._reconnect()
+
+    async def _probe(self, runtime: Path) -> bool:
+        self._use(runtime)
         try:
             await self._roundtrip(build_request("hello", self._next_rid()), timeout=PROBE_TIMEOUT,
                                   retries=0)
             return True
+        except UnsafeDirectory:
+            raise
         except DaemonUnavailable:
             return False
 
@@ -264,25 +275,26 @@ class AsyncClient:
         async with self._connect_lock:
             if self._connected:
                 return
-            autostart.check_runtime_dir(self.runtime)
-            if autostart.running_pid(self.runtime) is None:
+            found = autostart.find_daemon(self.runtime, self.state)
+            if found is None:
                 if not self._autostart:
                     raise DaemonUnavailable(
                         f"effectd is not running for {self.runtime} (autostart disabled)")
                 loop = asyncio.get_running_loop()
 
-                def probe() -> bool:  # runs in the ensure_daemon thread
+                def probe(runtime: Path) -> bool:  # runs in the ensure_daemon thread
                     if self._closed or loop.is_closed():
                         raise DaemonUnavailable("the client was closed while starting the daemon")
-                    fut = asyncio.run_coroutine_threadsafe(self._probe(), loop)
+                    fut = asyncio.run_coroutine_threadsafe(self._probe(runtime), loop)
                     try:
                         return fut.result(timeout=PROBE_TIMEOUT * 4)
                     except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
                         fut.cancel()
                         return False
 
-                await asyncio.to_thread(autostart.ensure_daemon, self.runtime, self.state, probe,
-                                        self._start_timeout)
+                found = await asyncio.to_thread(autostart.ensure_daemon, self.runtime, self.state, probe,
+                                                self._start_timeout)
+            self._use(found)
             self._connected = True
 
     async def request(self, op: str, fields: Mapping[str, Any], *,
@@ -295,9 +307,9 @@ class AsyncClient:
         msg = build_request(op, self._next_rid(), **fields)
         try:
             return await self._roundtrip(msg, timeout=reply_timeout)
-        except DaemonUnavailable:
-            if (self._closed or not self._autostart
-                    or autostart.running_pid(self.runtime) is not None):
+        except DaemonUnavailable as exc:
+            if (self._closed or not self._autostart or isinstance(exc, UnsafeDirectory)
+                    or autostart.find_daemon(self.runtime, self.state) is not None):
                 raise
             self._connected = False  # the daemon went away: start another and retry once
             await self.connect()
@@ -475,6 +487,7 @@ class AsyncClient:
         try:
             sub.setsockopt(zmq.LINGER, 0)
             sub.setsockopt(zmq.RCVHWM, stream_hwm())
+            autostart.check_runtime_dir(self.endpoints.runtime)
             sub.connect(self.endpoints.stream)
             sub.setsockopt(zmq.SUBSCRIBE, topic)
             recv = asyncio.ensure_future(sub.recv_multipart())

@@ -1,16 +1,18 @@
 """Finding the daemon, and starting one on demand.
 
-Whether a daemon runs is decided by its lock, not by the socket file: a daemon holds an flock
-on ``effectd.lock`` for its whole life, so if we can take the lock, none runs. Starting is
-race-free because the daemon itself takes that lock before binding: when ten clients start ten
-daemons at once, one wins and the others exit with EX_TEMPFAIL; every client then just waits for
-``hello`` to answer.
+Whether a daemon runs is decided by its locks, not by the socket file: a daemon holds an flock
+on ``<runtime>/effectd.lock`` and on ``<state>/daemon.json`` for its whole life. A client talks
+to the daemon of its runtime dir; if none holds that lock but one holds the state dir's (the
+runtime dir was removed at logout, or this session has another ``XDG_RUNTIME_DIR``), it talks
+to that one, at the runtime dir its ``daemon.json`` names - never starting a second daemon on
+the same journal. Starting is race-free because the daemon itself takes the locks before
+binding: when ten clients start ten daemons at once, one wins and the others exit with
+EX_TEMPFAIL; every client then just waits for ``hello`` to answer.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import subprocess
 import sys
@@ -18,7 +20,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from effectd.ipc.endpoints import LOCK_FILE, LOG_FILE, RUNTIME_ENV, STATE_ENV
+from effectd.ipc.dirs import (
+    RUNTIME_DIR,
+    STATE_DIR,
+    check_private_dir,
+    ensure_private_dir,
+    runtime_lock_pid,
+    state_owner,
+)
+from effectd.ipc.endpoints import LOG_FILE, RUNTIME_ENV, STATE_ENV
 from effectd.ipc.errors import DaemonUnavailable
 
 EXIT_ALREADY_RUNNING = 75
@@ -26,35 +36,46 @@ DEFAULT_START_TIMEOUT = 15.0
 
 
 def check_runtime_dir(runtime: Path) -> None:
-    """Refuse a runtime dir another user owns or others can write: whoever controls it could
-    impersonate the daemon (notably with the /tmp/effectd-<uid> fallback)."""
-    try:
-        st = runtime.stat()
-    except FileNotFoundError:
-        return
-    if st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise DaemonUnavailable(
-            f"refusing runtime dir {runtime}: owned by uid {st.st_uid} with mode {st.st_mode & 0o777:o} "
-            f"(must be ours and not group/other-writable)")
+    """Refuse a runtime dir that is a symlink, another user's, or reachable by others: whoever
+    controls it could impersonate the daemon (notably with the /tmp/effectd-<uid> fallback).
+    A missing one is fine (a daemon will create it)."""
+    check_private_dir(runtime, RUNTIME_DIR, missing_ok=True)
 
 
 def running_pid(runtime: Path) -> int | None:
     """The pid of the daemon holding the runtime dir's lock, or None if no daemon holds it."""
-    path = runtime / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+    return runtime_lock_pid(runtime)
+
+
+def find_daemon(runtime: Path, state: Path) -> Path | None:
+    """The runtime dir of the daemon serving ``state``, checked: ``runtime`` if a daemon holds
+    it, else the one recorded by the daemon that holds ``state``'s lock, else None (none runs).
+    The recorded dir may be missing for a moment (its daemon is restoring it)."""
+    check_runtime_dir(runtime)
+    if running_pid(runtime) is not None:
+        return runtime
+    check_private_dir(state, STATE_DIR, missing_ok=True)
+    owner = state_owner(state)
+    if owner is None:
         return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else -1
-        fcntl.flock(fd, fcntl.LOCK_UN)
+    recorded = owner.get("runtime_dir")
+    if not isinstance(recorded, str) or not recorded:
+        return runtime  # it is starting and has not named its runtime dir yet: wait for it
+    found = Path(recorded)
+    check_runtime_dir(found)
+    return found
+
+
+def daemon_pid(runtime: Path, state: Path) -> int | None:
+    """The pid of the daemon serving ``runtime``/``state`` (see :func:`find_daemon`), or None."""
+    found = find_daemon(runtime, state)
+    if found is None:
         return None
-    finally:
-        os.close(fd)
+    pid = running_pid(found)
+    if pid is None:  # its runtime dir is being restored: the state lock names it
+        owner = state_owner(state) or {}
+        pid = owner.get("pid") if isinstance(owner.get("pid"), int) else -1
+    return pid
 
 
 def log_tail(state: Path, lines: int = 15) -> str:
@@ -67,8 +88,8 @@ def log_tail(state: Path, lines: int = 15) -> str:
 
 def spawn_daemon(runtime: Path, state: Path, extra_args: list[str] | None = None) -> subprocess.Popen[bytes]:
     """Start ``effectd`` fully detached: new session, stdio to the log, no inherited descriptors."""
-    state.mkdir(mode=0o700, parents=True, exist_ok=True)
-    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ensure_private_dir(state, STATE_DIR)
+    ensure_private_dir(runtime, RUNTIME_DIR)
     env = dict(os.environ)
     env[RUNTIME_ENV] = str(runtime)
     env[STATE_ENV] = str(state)
@@ -83,18 +104,20 @@ def spawn_daemon(runtime: Path, state: Path, extra_args: list[str] | None = None
                                 cwd="/")
 
 
-def ensure_daemon(runtime: Path, state: Path, probe: Callable[[], bool],
-                  timeout: float = DEFAULT_START_TIMEOUT) -> None:
-    """Start a daemon unless one runs, then wait until ``probe()`` (a hello) succeeds."""
+def ensure_daemon(runtime: Path, state: Path, probe: Callable[[Path], bool],
+                  timeout: float = DEFAULT_START_TIMEOUT) -> Path:
+    """Start a daemon unless one serves ``state``, then wait until ``probe(runtime_dir)`` (a hello
+    there) succeeds; returns that runtime dir (``runtime``, or the live daemon's own)."""
     proc: subprocess.Popen[bytes] | None = None
-    if running_pid(runtime) is None:
-        proc = spawn_daemon(runtime, state)
+    target = find_daemon(runtime, state)
+    if target is None:
+        proc, target = spawn_daemon(runtime, state), runtime
     deadline = time.monotonic() + timeout
     delay = 0.005
     while time.monotonic() < deadline:
-        if probe():
+        if probe(target):
             _reap_later(proc)
-            return
+            return target
         if proc is not None:
             status = proc.poll()
             if status is not None and status != EXIT_ALREADY_RUNNING:
@@ -103,8 +126,12 @@ def ensure_daemon(runtime: Path, state: Path, probe: Callable[[], bool],
                     f"{state / LOG_FILE}:\n{log_tail(state)}")
             if status == EXIT_ALREADY_RUNNING:
                 proc = None  # another client's daemon won the race; wait for it
-        elif running_pid(runtime) is None and time.monotonic() + 0.2 < deadline:
-            proc = spawn_daemon(runtime, state)  # the daemon we waited for died: try once more
+        if proc is None:
+            found = find_daemon(runtime, state)
+            if found is not None:
+                target = found  # e.g. the winner of the race runs on another runtime dir
+            elif time.monotonic() + 0.2 < deadline:
+                proc, target = spawn_daemon(runtime, state), runtime  # the daemon we waited for died
         time.sleep(delay)  # bounded startup wait, not synchronisation of effects
         delay = min(delay * 2, 0.1)
     raise DaemonUnavailable(

@@ -18,7 +18,7 @@ from effectd.client.records import Chunk, EffectRecord, OutputSlice
 from effectd.client.spec import python_spec, shell_spec, sleep_spec
 from effectd.client.transport import ReqChannel, batch_reply_timeout
 from effectd.ipc.endpoints import Endpoints, check_topic, runtime_dir, state_dir, stream_hwm
-from effectd.ipc.errors import DaemonUnavailable
+from effectd.ipc.errors import DaemonUnavailable, UnsafeDirectory
 from effectd.ipc.schema import EffectState, build_request
 
 DEFAULT_TIMEOUT = 5.0
@@ -44,7 +44,8 @@ class Client:
         self.state = Path(state) if state is not None else state_dir()
         self.endpoints = Endpoints.for_runtime(self.runtime)
         self.ctx: zmq.Context[Any] = zmq.Context()
-        self.channel = ReqChannel(self.ctx, self.endpoints.control, timeout=timeout, retries=retries)
+        self.channel = ReqChannel(self.ctx, self.endpoints.control, timeout=timeout, retries=retries,
+                                  check=self._check_runtime)
         self._autostart = autostart
         self._start_timeout = start_timeout
         self._connected = False
@@ -61,22 +62,36 @@ class Client:
         self.channel.close()
         self.ctx.term()
 
-    def _probe(self) -> bool:
+    def _check_runtime(self) -> None:
+        autostart.check_runtime_dir(self.endpoints.runtime)
+
+    def _use(self, runtime: Path) -> None:
+        """Talk to the daemon whose runtime dir is ``runtime`` (``self.runtime`` stays as asked)."""
+        if runtime != self.endpoints.runtime:
+            self.endpoints = Endpoints.for_runtime(runtime)
+            self.channel.retarget(self.endpoints.control)
+
+    def _probe(self, runtime: Path) -> bool:
+        self._use(runtime)
         try:
             self.channel.call(build_request("hello", self.channel.next_rid()), timeout=0.5, retries=0)
             return True
+        except UnsafeDirectory:
+            raise
         except DaemonUnavailable:
             return False
 
     def connect(self) -> None:
-        """Make sure a daemon answers (starting one if allowed)."""
+        """Make sure a daemon answers (starting one if allowed). The daemon is the one of our
+        runtime dir, or the one that owns our state dir (wherever its runtime dir is)."""
         if self._connected:
             return
-        autostart.check_runtime_dir(self.runtime)
-        if autostart.running_pid(self.runtime) is None:
+        found = autostart.find_daemon(self.runtime, self.state)
+        if found is None:
             if not self._autostart:
                 raise DaemonUnavailable(f"effectd is not running for {self.runtime} (autostart disabled)")
-            autostart.ensure_daemon(self.runtime, self.state, self._probe, self._start_timeout)
+            found = autostart.ensure_daemon(self.runtime, self.state, self._probe, self._start_timeout)
+        self._use(found)
         self._connected = True
 
     def call(self, op: str, *, reply_timeout: float | None = None, **args: Any) -> dict[str, Any]:
@@ -85,8 +100,10 @@ class Client:
         msg = build_request(op, self.channel.next_rid(), **args)
         try:
             return self.channel.call(msg, timeout=reply_timeout)
+        except UnsafeDirectory:
+            raise
         except DaemonUnavailable:
-            if not self._autostart or autostart.running_pid(self.runtime) is not None:
+            if not self._autostart or autostart.find_daemon(self.runtime, self.state) is not None:
                 raise
             self._connected = False  # the daemon went away: start another and retry once
             self.connect()
@@ -231,6 +248,7 @@ class Client:
         f = Follower.start(streams, from_offset)
         topic = check_topic(effect_id.encode())
         self.connect()
+        self._check_runtime()
         sub: zmq.Socket[bytes] = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, stream_hwm())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -28,9 +29,12 @@ def batch_reply_timeout(timeout: float, count: int) -> float:
 
 
 class ReqChannel:
-    def __init__(self, ctx: zmq.Context[Any], endpoint: str, *, timeout: float, retries: int) -> None:
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str, *, timeout: float, retries: int,
+                 check: Callable[[], None] | None = None) -> None:
         self.ctx = ctx
         self.endpoint = endpoint
+        self.check = check
+        """Called before every (re)connect; raises to refuse the endpoint (an unsafe runtime dir)."""
         self.timeout = timeout
         self.retries = retries
         self._sock: zmq.Socket[bytes] | None = None
@@ -42,6 +46,8 @@ class ReqChannel:
 
     def _socket(self) -> zmq.Socket[bytes]:
         if self._sock is None:
+            if self.check is not None:
+                self.check()
             sock: zmq.Socket[bytes] = self.ctx.socket(zmq.REQ)
             sock.setsockopt(zmq.LINGER, 0)
             # No IMMEDIATE: with it, libzmq drops the replies still queued unread on this socket
@@ -51,6 +57,12 @@ class ReqChannel:
             sock.connect(self.endpoint)
             self._sock = sock
         return self._sock
+
+    def retarget(self, endpoint: str) -> None:
+        """Talk to ``endpoint`` from the next request on (the live daemon's own runtime dir)."""
+        if endpoint != self.endpoint:
+            self.reset()
+            self.endpoint = endpoint
 
     def reset(self) -> None:
         if self._sock is not None:

@@ -1,19 +1,26 @@
-"""One daemon per runtime dir: an flock on ``effectd.lock``, taken before any socket is bound.
+"""One daemon per journal and per runtime dir: flocks held for the daemon's whole life.
 
-Also refuses directories another user owns or that group/others can write: whoever can reach
-the control socket can run commands as the daemon's user.
+* ``<state>/daemon.json`` - the journal's owner. Taken first: two daemons on one journal would
+  run effects twice and overwrite final states, whatever runtime dirs they use. Its text names
+  the owner (pid, runtime dir, instance, start time) for clients whose runtime dir is empty.
+* ``<runtime>/effectd.lock`` - taken before any socket is bound, because a second ipc bind
+  silently steals the endpoint from the first daemon. Contains the pid.
+
+The directories themselves are checked by :mod:`effectd.ipc.dirs`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
-import stat
 import time
 from pathlib import Path
+from typing import Any
 
-from effectd.ipc.endpoints import LOCK_FILE
+from effectd.ipc.dirs import holder_pid, parse_owner
+from effectd.ipc.endpoints import LOCK_FILE, STATE_LOCK_FILE
 
 PROBE_PATIENCE = 1.0
 """Seconds a starting daemon waits for a client's probing (shared) lock to go away."""
@@ -30,62 +37,57 @@ def _alive(pid: int) -> bool:
 
 
 class AlreadyRunning(Exception):
-    def __init__(self, pid: int | None, runtime: Path) -> None:
+    def __init__(self, message: str, pid: int | None) -> None:
+        super().__init__(message)
         self.pid = pid
-        who = f"pid {pid}" if pid else "another process"
-        super().__init__(f"effectd is already running for {runtime} ({who})")
 
 
-class UnsafeDirectory(Exception):
-    pass
+class FileLock:
+    """An exclusive flock on ``path``, kept open until :meth:`release`; its text names the holder."""
 
-
-def ensure_private_dir(path: Path, what: str) -> None:
-    """Create ``path`` mode 0700, or check an existing one is ours and not group/other-writable."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
-    if st.st_uid != os.getuid():
-        raise UnsafeDirectory(
-            f"{what} {path} is owned by uid {st.st_uid}, not by us (uid {os.getuid()}); refusing to start"
-        )
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise UnsafeDirectory(
-            f"{what} {path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
-            f"run `chmod 700 {path}` or choose another directory"
-        )
-
-
-def read_pid(runtime: Path) -> int | None:
-    try:
-        text = (runtime / LOCK_FILE).read_text().strip()
-        return int(text) if text else None
-    except (OSError, ValueError):
-        return None
-
-
-class RuntimeLock:
-    def __init__(self, runtime: Path) -> None:
-        self.path = runtime / LOCK_FILE
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self.fd = -1
 
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def acquire(self, text: str) -> None:
+        """Take the lock and write ``text`` into the file, or raise :class:`AlreadyRunning`."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         deadline = time.monotonic() + PROBE_PATIENCE
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                pid = read_pid(self.path.parent)
-                # Clients probe for a daemon with a brief shared lock; only a lock file naming
-                # a live process means a daemon really runs. Otherwise wait the probe out.
+                held = os.pread(fd, 4096, 0).decode(errors="replace")
+                pid = holder_pid(held)
+                # Clients probe with a brief shared lock; only a file naming a live process means
+                # a daemon really holds it. Otherwise wait the probe out.
                 if (pid is not None and _alive(pid)) or time.monotonic() >= deadline:
                     os.close(fd)
-                    raise AlreadyRunning(pid, self.path.parent) from None
+                    raise AlreadyRunning(self.refusal(pid, held), pid) from None
                 time.sleep(0.005)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
+        self.write(text)
+
+    def write(self, text: str) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, text.encode(), 0)
+
+    def refusal(self, pid: int | None, held: str) -> str:
+        who = f"pid {pid}" if pid else "another process"
+        return f"effectd is already running for {self.path.parent} ({who})"
+
+    def still_ours(self) -> bool:
+        """Whether the file at the path is still the one we hold locked. False once it (or its
+        dir) was removed or replaced: nobody can see our lock any more."""
+        if self.fd < 0:
+            return False
+        try:
+            at_path = os.lstat(self.path)
+        except OSError:
+            return False
+        held = os.fstat(self.fd)
+        return (at_path.st_dev, at_path.st_ino) == (held.st_dev, held.st_ino)
 
     def release(self) -> None:
         if self.fd >= 0:
@@ -93,3 +95,41 @@ class RuntimeLock:
                 os.ftruncate(self.fd, 0)
             os.close(self.fd)
             self.fd = -1
+
+
+class RuntimeLock(FileLock):
+    def __init__(self, runtime: Path) -> None:
+        super().__init__(runtime / LOCK_FILE)
+
+    def acquire_for_us(self) -> None:
+        self.acquire(f"{os.getpid()}\n")
+
+    def retake(self) -> None:
+        """Take the lock of a re-created runtime dir (the old file is gone with the old dir)."""
+        self.release()
+        self.acquire_for_us()
+
+
+class StateLock(FileLock):
+    """The journal's owner. Held from before the journal is opened until the daemon exits."""
+
+    def __init__(self, state: Path) -> None:
+        super().__init__(state / STATE_LOCK_FILE)
+
+    def acquire_for(self, runtime: Path, instance: str) -> None:
+        info: dict[str, Any] = {"pid": os.getpid(), "runtime_dir": str(runtime), "instance": instance,
+                                "started": time.time()}
+        self.acquire(json.dumps(info))
+
+    def retake_for(self, runtime: Path, instance: str) -> None:
+        """Lock a re-created ``daemon.json`` (someone removed ours), or raise AlreadyRunning if
+        another daemon got it first."""
+        self.release()
+        self.acquire_for(runtime, instance)
+
+    def refusal(self, pid: int | None, held: str) -> str:
+        runtime = parse_owner(held).get("runtime_dir") or "unknown"
+        who = f"pid {pid}" if pid else "another process"
+        return (f"effectd is already running on state dir {self.path.parent} ({who}, runtime dir {runtime}); "
+                f"one journal has one daemon: use that daemon (EFFECTD_RUNTIME_DIR={runtime}) "
+                f"or another state dir")

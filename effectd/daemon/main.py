@@ -3,7 +3,7 @@
 ``effectctl daemon start`` and the client's autostart run this same command detached.
 Exit codes: 0 clean stop, 1 could not start (the message says why), 2 usage,
 74 (EX_IOERR) the journal was deleted or replaced while running (systemd restarts it),
-75 (EX_TEMPFAIL) another daemon already runs for this runtime dir.
+75 (EX_TEMPFAIL) another daemon already runs for this runtime dir or on this state dir (journal).
 """
 
 from __future__ import annotations
@@ -66,10 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from effectd.daemon.config import DaemonConfig
-    from effectd.daemon.lock import AlreadyRunning, RuntimeLock, UnsafeDirectory, ensure_private_dir
+    from effectd.daemon.lock import AlreadyRunning, RuntimeLock, StateLock
     from effectd.daemon.logs import configure_logging
     from effectd.daemon.sdnotify import SystemdNotifier
     from effectd.daemon.server import Daemon
+    from effectd.ipc.dirs import RUNTIME_DIR, STATE_DIR, ensure_private_dir
+    from effectd.ipc.errors import UnsafeDirectory
     from effectd.journal import JournalCorrupt
 
     configure_logging(args.log_level, args.log_file)
@@ -93,18 +95,23 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["EFFECTD_RUNTIME_DIR"] = str(config.runtime_dir)
     os.environ["EFFECTD_STATE_DIR"] = str(config.state_dir)
     try:
-        ensure_private_dir(config.runtime_dir, "runtime dir")
-        ensure_private_dir(config.state_dir, "state dir")
+        ensure_private_dir(config.runtime_dir, RUNTIME_DIR)
+        ensure_private_dir(config.state_dir, STATE_DIR)
     except UnsafeDirectory as exc:
-        print(f"effectd: {exc}", file=sys.stderr)
+        print(f"effectd: {exc.message}", file=sys.stderr)
         return 1
+    daemon = Daemon(config)
+    # The journal's lock first: a daemon on another runtime dir must not get to open it.
+    state_lock = StateLock(config.state_dir)
     lock = RuntimeLock(config.runtime_dir)
     try:
-        lock.acquire()
+        state_lock.acquire_for(config.runtime_dir, daemon.instance)
+        lock.acquire_for_us()
     except AlreadyRunning as exc:
         print(f"effectd: {exc}", file=sys.stderr)
+        state_lock.release()
         return EXIT_ALREADY_RUNNING
-    daemon = Daemon(config)
+    daemon.runtime_lock, daemon.state_lock = lock, state_lock
     SystemdNotifier.scrub_environ(os.environ)
     try:
         daemon.open_state()
@@ -114,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{config.journal_path}.broken`) to start with an empty journal, or restore a backup.",
               file=sys.stderr)
         lock.release()
+        state_lock.release()
         return 1
     daemon.recover()
     daemon.bind()
@@ -131,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         daemon.close()
         lock.release()
+        state_lock.release()
     if daemon.journal_lost is not None:
         # Leave without the interpreter's teardown: it would close the SQLite connection, which
         # deletes the -wal/-shm files by name (possibly those of a restored journal).

@@ -14,6 +14,7 @@ import psutil
 
 from effectd.daemon.config import DaemonConfig
 from effectd.daemon.sdnotify import SystemdNotifier
+from effectd.ipc import auth
 
 log = logging.getLogger("effectd.pool")
 
@@ -26,6 +27,8 @@ class WorkerProcesses:
         self.config = config
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.adopted_pids: dict[str, int] = {}
+        self.key = b""
+        """The daemon's worker key (see effectd.ipc.auth); each worker gets it on an inherited pipe."""
 
     def spawn(self) -> tuple[str, int]:
         worker_id = f"w-{uuid.uuid4().hex[:10]}"
@@ -37,6 +40,8 @@ class WorkerProcesses:
             "--orphan-timeout", str(cfg.orphan_timeout), "--kill-grace", str(cfg.kill_grace),
             "--heartbeat", str(cfg.heartbeat), "--log-level", cfg.log_level,
         ]
+        key_fd = auth.key_pipe(self.key)
+        argv += ["--key-fd", str(key_fd)]
         env = SystemdNotifier.child_environ(os.environ)
         # A new session: workers (and so the effects) must survive a crash of the daemon and
         # must not receive the terminal's Ctrl-C meant for a foreground daemon.
@@ -45,8 +50,9 @@ class WorkerProcesses:
         log_target = open(cfg.log_file, "ab") if cfg.log_file else None  # noqa: SIM115
         try:
             proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
-                                    close_fds=True, stderr=log_target)
+                                    close_fds=True, stderr=log_target, pass_fds=(key_fd,))
         finally:
+            os.close(key_fd)
             if log_target is not None:
                 log_target.close()
         self.children[worker_id] = proc

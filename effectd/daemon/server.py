@@ -32,15 +32,25 @@ from effectd.daemon.core import NEVER_STARTED, Effect, Limits, Scheduler, Worker
 from effectd.daemon.ids import UlidGenerator
 from effectd.daemon.intake import Intake, forget_interrupted
 from effectd.daemon.liveness import TURN_ALLOWANCE, HearingClock
+from effectd.daemon.lock import AlreadyRunning, RuntimeLock, StateLock
 from effectd.daemon.pool import WorkerProcesses
 from effectd.daemon.proctree import ProcessIdentity, TreeKill, effect_processes
 from effectd.daemon.requests import RequestHandlers, Waiter
 from effectd.daemon.retention import Retention
 from effectd.daemon.sdnotify import SystemdNotifier
 from effectd.daemon.worker import HEARTBEAT_LIVENESS
-from effectd.ipc import codec
+from effectd.ipc import auth, codec
+from effectd.ipc.dirs import RUNTIME_DIR, ensure_private_dir
 from effectd.ipc.endpoints import Endpoints, stream_hwm
-from effectd.ipc.errors import BadRequest, DiskFull, EffectdError, InternalError, JournalLost, Unavailable
+from effectd.ipc.errors import (
+    BadRequest,
+    DiskFull,
+    EffectdError,
+    InternalError,
+    JournalLost,
+    Unavailable,
+    UnsafeDirectory,
+)
 from effectd.ipc.schema import (
     OPS,
     WORKER_TO_DAEMON,
@@ -67,6 +77,8 @@ CRASH_WINDOW = 60.0
 CRASH_LOOP_THRESHOLD = 3
 TURN_WARNING = 0.5
 """A loop turn longer than this is logged (when it is the longest so far)."""
+RUNTIME_CHECK_INTERVAL = 0.5
+"""Seconds between checks that our runtime dir and its lock are still there."""
 SHUTDOWN_OVERRUN = 15.0
 """Seconds past drain + kill grace after which shutdown stops without concluding everything."""
 COMMIT_RETRY_DELAY = 1.0
@@ -151,10 +163,19 @@ class Daemon:
         self.endpoints = Endpoints.for_runtime(config.runtime_dir)
         self.journal: Journal
         self.outputs: OutputStore
+        self.worker_key = b""
+        self.runtime_lock: RuntimeLock | None = None
+        """Set by main once taken; watched so a vanished runtime dir is restored."""
+        self.state_lock: StateLock | None = None
+        """Set by main once taken; watched so that losing the journal's lock stops us."""
+        self._last_runtime_check = 0.0
+        self.runtime_lost = False
 
     # ---- setup ----------------------------------------------------------------------------
 
     def open_state(self) -> None:
+        """Open the journal and outputs; the caller holds the state dir's lock."""
+        self.worker_key = self.procs.key = auth.load_or_create_key(self.config.state_dir)
         self.journal = Journal(self.config.journal_path)
         self.outputs = OutputStore(self.config.outputs_dir)
         cfg = self.config
@@ -166,7 +187,6 @@ class Daemon:
 
     def bind(self) -> None:
         ctx = self.ctx = zmq.Context()
-        ep = self.endpoints
         old_umask = os.umask(0o077)  # socket files 0600
         try:
             self.control = ctx.socket(zmq.ROUTER)
@@ -189,15 +209,62 @@ class Daemon:
             self.publish = ctx.socket(zmq.XSUB)
             self.publish.setsockopt(zmq.RCVHWM, stream_hwm())
             self.publish.setsockopt(zmq.LINGER, 0)
-            for sock, addr in ((self.control, ep.control), (self.workers_sock, ep.workers),
-                               (self.stream, ep.stream), (self.publish, ep.publish)):
-                path = addr[len("ipc://"):]
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)  # stale file of a dead daemon; we hold the lock
-                sock.bind(addr)
-                os.chmod(path, 0o600)
+            self._bind_endpoints()
         finally:
             os.umask(old_umask)
+
+    def _bind_endpoints(self) -> None:
+        ep = self.endpoints
+        for sock, addr in ((self.control, ep.control), (self.workers_sock, ep.workers),
+                           (self.stream, ep.stream), (self.publish, ep.publish)):
+            path = addr[len("ipc://"):]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # stale file of a dead daemon; we hold the lock
+            sock.bind(addr)
+            os.chmod(path, 0o600)
+
+    def watch_runtime_dir(self, now: float) -> None:
+        """Restore a runtime dir that vanished (logind removes $XDG_RUNTIME_DIR at logout, tmpfiles
+        cleans /tmp): re-create it 0700, re-take its lock and bind our endpoints there again. The
+        old listeners stay open: connections accepted through them (workers, clients) are not
+        tied to the file and keep working, so nothing in flight is lost. If the dir cannot be
+        ours again, drain and stop: a daemon nobody can reach must not keep the journal."""
+        if now - self._last_runtime_check < RUNTIME_CHECK_INTERVAL:
+            return
+        self._last_runtime_check = now
+        self.watch_state_lock()
+        if self.runtime_lock is None or self.runtime_lock.still_ours():
+            return
+        runtime = self.config.runtime_dir
+        log.warning("runtime dir %s vanished or was replaced; restoring it", runtime)
+        old_umask = os.umask(0o077)  # socket files 0600
+        try:
+            ensure_private_dir(runtime, RUNTIME_DIR)
+            self.runtime_lock.retake()
+            self._bind_endpoints()
+        except (UnsafeDirectory, AlreadyRunning, OSError, zmq.ZMQError) as exc:
+            log.error("cannot restore runtime dir %s (%s): stopping", runtime, exc)
+            self.runtime_lock = None
+            self.runtime_lost = True
+            self.begin_shutdown(drain=True)
+            return
+        finally:
+            os.umask(old_umask)
+        log.info("runtime dir %s restored", runtime)
+
+    def watch_state_lock(self) -> None:
+        """If our ``daemon.json`` was removed, lock a new one at once; if another daemon got it
+        first, it owns the journal now: drain and stop (the journal refuses second final states
+        meanwhile)."""
+        if self.state_lock is None or self.state_lock.still_ours():
+            return
+        try:
+            self.state_lock.retake_for(self.config.runtime_dir, self.instance)
+            log.warning("the state dir's lock file was removed; locked a new one")
+        except (AlreadyRunning, OSError) as exc:
+            log.error("lost the journal's lock (%s): stopping", exc)
+            self.state_lock = None
+            self.begin_shutdown(drain=True)
 
     def recover(self) -> None:
         """Load unfinished effects. Queued ones run as normal; running ones wait ``adopt_grace``
@@ -241,7 +308,12 @@ class Daemon:
         except (ValueError, TypeError, OverflowError) as exc:
             log.error("message %s to worker %s could not be encoded: %s", msg.get("t"), worker_id, exc)
             return
-        self.queue_send(self.workers_sock, [worker_id.encode(), body], durable)
+        self.send_worker(worker_id.encode(), body, durable)
+
+    def send_worker(self, ident: bytes, body: bytes, durable: bool = False) -> None:
+        """Every daemon->worker message carries the MAC of its body: workers drop anything else,
+        so a process that binds a fake workers.sock cannot make them run anything."""
+        self.queue_send(self.workers_sock, [ident, body, auth.sign(self.worker_key, body)], durable)
 
     def publish_event(self, effect_id: str, event: str, **fields: Any) -> None:
         self.queue_send(self.stream, [effect_id.encode(), codec.pack(event_header(event, **fields)), b""])
@@ -387,7 +459,12 @@ class Daemon:
                                     finished_at=finished_at)
         self.adopting.pop(eff.id, None)
         if final:
-            self.journal.put_effect(eff.to_record(), "finished")
+            # The one place a final state is written; the journal refuses a second one.
+            if not self.journal.put_final(eff.to_record()):
+                log.error("refused to record effect %s as %s: the journal already holds a final state "
+                          "for it (a final state never changes)", eff.id, eff.state.value)
+                self.handlers.effect_final(eff.id)
+                return
             self.final_markers.append(eff.id)
             self.handlers.effect_final(eff.id)
             self.publish_event(eff.id, "finished", state=eff.state.value, attempt=eff.attempt,
@@ -451,7 +528,7 @@ class Daemon:
             self.worker_ready(wid, msg)
             return
         if worker is None or worker.state is WorkerState.DEAD:
-            self.queue_send(self.workers_sock, [frames[0], codec.pack({"t": "reset"})], durable=False)
+            self.send_worker(frames[0], codec.pack({"t": "reset"}))
             return
         worker.last_seen = self.hearing.now()
         if kind == "hb":
@@ -516,8 +593,7 @@ class Daemon:
             else:
                 # Not ours to run (already final, or unknown to this journal): stop it.
                 self.to_worker(wid, {"t": "cancel", "id": rep["id"], "reason": "not_adopted"}, durable=False)
-        self.queue_send(self.workers_sock, [wid.encode(), codec.pack({"t": "welcome", "instance": self.instance})],
-                        durable=False)
+        self.send_worker(wid.encode(), codec.pack({"t": "welcome", "instance": self.instance}))
 
     def claimed_by(self, eff: Effect, worker: Worker) -> None:
         """Re-adopt a recovered effect on the worker that reports running it."""
@@ -597,7 +673,7 @@ class Daemon:
             self._last_hb_sent = now
             for worker in self.sched.workers.values():
                 if worker.state in (WorkerState.READY, WorkerState.STOPPING):
-                    self.queue_send(self.workers_sock, [worker.id.encode(), codec.pack({"t": "hb"})], durable=False)
+                    self.send_worker(worker.id.encode(), codec.pack({"t": "hb"}))
         for eid, deadline in list(self.adopting.items()):
             if now >= deadline:
                 eff = self.sched.effects.get(eid)
@@ -771,6 +847,7 @@ class Daemon:
         for sock in (self.control, self.workers_sock, self.stream, self.publish):
             poller.register(sock, zmq.POLLIN)
         while not self.stop_requested:
+            self.watch_runtime_dir(time.monotonic())  # here the outbox is empty
             timeout_ms = self.poll_timeout()
             events = dict(poller.poll(timeout_ms))
             turn_started = time.monotonic()
@@ -853,6 +930,8 @@ class Daemon:
             # Not after a lost journal: SQLite's close would checkpoint and then delete the
             # -wal/-shm files *by name*, i.e. those of a journal restored at that path.
             self.journal.close()
+        if self.runtime_lost:
+            return  # what is at the runtime path now is not ours to remove
         for addr in (self.endpoints.control, self.endpoints.stream, self.endpoints.workers,
                      self.endpoints.publish):
             with contextlib.suppress(FileNotFoundError):

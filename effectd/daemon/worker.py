@@ -34,9 +34,10 @@ from effectd.daemon.liveness import TURN_ALLOWANCE, HearingClock
 from effectd.daemon.output import DEFAULT_MAX_OUTPUT_BYTES, OutputWriter
 from effectd.daemon.proctree import become_subreaper, reap_orphan_zombies
 from effectd.daemon.runners import Chunk, Phase, PythonRun, Run, ShellRun, SleepRun
-from effectd.ipc import codec
+from effectd.ipc import auth, codec
+from effectd.ipc.dirs import RUNTIME_DIR, pin_dir
 from effectd.ipc.endpoints import Endpoints, stream_hwm
-from effectd.ipc.errors import EffectdError
+from effectd.ipc.errors import EffectdError, UnsafeDirectory
 from effectd.ipc.schema import (
     DAEMON_TO_WORKER,
     PROTOCOL_VERSION,
@@ -60,14 +61,20 @@ UNACKED_RESEND = 5.0
 
 class Worker:
     def __init__(self, endpoints: Endpoints, outputs_root: Path, *, worker_id: str, slots: int,
-                 orphan_timeout: float, kill_grace: float, heartbeat: float = HEARTBEAT_INTERVAL) -> None:
+                 orphan_timeout: float, kill_grace: float, heartbeat: float = HEARTBEAT_INTERVAL,
+                 key: bytes) -> None:
         self.endpoints = endpoints
+        self.key = key
         self.outputs_root = outputs_root
         self.worker_id = worker_id
         self.slots = slots
         self.orphan_timeout = orphan_timeout
         self.kill_grace = kill_grace
         self.heartbeat = heartbeat
+        self._dir_fd = -1
+        self.via = endpoints
+        """The endpoints we connect to: through the pinned runtime dir (see effectd.ipc.dirs.pin_dir)."""
+        self._pin()  # raises: a worker never starts on an unsafe runtime dir
         self.ctx = zmq.Context()
         self.transport_up = False
         """The DEALER's connection to the daemon's socket is established (from its monitor)."""
@@ -75,10 +82,7 @@ class Worker:
         """The DEALER was replaced during the current silence of the daemon."""
         self.monitor: zmq.Socket[bytes]
         self.dealer: zmq.Socket[bytes] = self._new_dealer()
-        self.pub: zmq.Socket[bytes] = self.ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.SNDHWM, stream_hwm())
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.connect(endpoints.publish)
+        self.pub: zmq.Socket[bytes] = self._new_pub()
         self.runs: dict[str, Run] = {}
         self.unacked: dict[str, dict[str, Any]] = {}
         self.effects_done = 0
@@ -99,6 +103,15 @@ class Worker:
 
     # ---- sockets --------------------------------------------------------------------------
 
+    def _pin(self) -> None:
+        """Check the runtime dir (lstat) and pin it: our sockets, and zmq's reconnects, go to this
+        directory only. Called at start and at every reconnect of ours."""
+        fd, via = pin_dir(self.endpoints.runtime, RUNTIME_DIR)
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+        self._dir_fd = fd
+        self.via = Endpoints.for_runtime(via)
+
     def _new_dealer(self) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
@@ -108,7 +121,7 @@ class Worker:
         # the same process, that will read what we queue) from one whose socket is gone.
         self.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.transport_up = False
-        sock.connect(self.endpoints.workers)
+        sock.connect(self.via.workers)
         return sock
 
     def _close_dealer(self, linger: int) -> None:
@@ -126,6 +139,25 @@ class Worker:
                 self.transport_up = True
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.transport_up = False
+
+    def _new_pub(self) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self.ctx.socket(zmq.PUB)
+        sock.setsockopt(zmq.SNDHWM, stream_hwm())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.via.publish)
+        return sock
+
+    def _reconnect(self) -> None:
+        """Fresh sockets, through the runtime dir as it is now if it is still safe (it may have
+        been re-created by a restarted daemon), else through the one pinned before."""
+        try:
+            self._pin()
+        except UnsafeDirectory as exc:
+            log.error("runtime dir refused, staying on the previous one: %s", exc.message)
+        self._close_dealer(linger=0)
+        self.dealer = self._new_dealer()
+        self.pub.close(linger=0)
+        self.pub = self._new_pub()
 
     def send(self, msg: dict[str, Any]) -> None:
         try:
@@ -210,7 +242,13 @@ class Worker:
 
     # ---- daemon messages ------------------------------------------------------------------
 
-    def handle(self, raw: bytes) -> None:
+    def handle(self, frames: list[bytes]) -> None:
+        # Only our daemon knows the key: anyone else who binds workers.sock is ignored (and does
+        # not even count as a sign of life).
+        if len(frames) != 2 or not auth.verify(self.key, frames[0], frames[1]):
+            log.warning("dropped a message without a valid MAC (%d frame(s)): not from our daemon", len(frames))
+            return
+        raw = frames[0]
         self.last_heard = self.hearing.now()
         self.replaced_dealer = False
         if not self.connected:
@@ -368,10 +406,10 @@ class Worker:
     def _read_daemon(self) -> None:
         for _ in range(1000):
             try:
-                raw = self.dealer.recv(zmq.NOBLOCK)
+                frames = self.dealer.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.handle(raw)
+            self.handle(frames)
 
     def _heartbeat(self, now: float) -> None:
         """``now`` is monotonic time (for our own sending); the daemon's silence and the orphan
@@ -393,8 +431,7 @@ class Worker:
                 # a fresh socket plus READY re-registers (and re-reports our effects). While the
                 # connection stands, the daemon is the same process, merely not reading: a new
                 # socket would only drop what is queued for it.
-                self._close_dealer(linger=0)
-                self.dealer = self._new_dealer()
+                self._reconnect()
                 self.replaced_dealer = True
             if self.disconnected_since is not None and heard - self.disconnected_since > self.orphan_timeout:
                 log.error("no daemon for %.0fs (orphan timeout): killing effects and exiting",
@@ -442,16 +479,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-grace", type=float, default=5.0)
     parser.add_argument("--heartbeat", type=float, default=HEARTBEAT_INTERVAL)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--key-fd", type=int, required=True,
+                        help="inherited pipe carrying the daemon's worker key (see effectd.ipc.auth)")
     args = parser.parse_args(argv)
+    key = auth.read_key_fd(args.key_fd)  # first: closed before anything could inherit it
     logging.basicConfig(level=args.log_level.upper())
     # Our session is our own (the daemon started us with start_new_session): a Ctrl-C in the
     # daemon's terminal or a daemon crash does not reach us. SIGTERM ends us after killing effects.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     runners.reserve_progress_fd()  # before zmq opens descriptors
-    worker = Worker(Endpoints.for_runtime(args.runtime_dir), args.outputs,
-                    worker_id=args.worker_id or f"w{os.getpid()}-{uuid.uuid4().hex[:6]}",
-                    slots=args.slots, orphan_timeout=args.orphan_timeout, kill_grace=args.kill_grace,
-                    heartbeat=args.heartbeat)
+    try:
+        worker = Worker(Endpoints.for_runtime(args.runtime_dir), args.outputs,
+                        worker_id=args.worker_id or f"w{os.getpid()}-{uuid.uuid4().hex[:6]}",
+                        slots=args.slots, orphan_timeout=args.orphan_timeout, kill_grace=args.kill_grace,
+                        heartbeat=args.heartbeat, key=key)
+    except UnsafeDirectory as exc:
+        log.error("%s", exc.message)
+        return 1
 
     def on_term(signum: int, frame: Any) -> None:
         worker.stopping = True

@@ -20,6 +20,11 @@ LOCK_FILE = "effectd.lock"
 """Held with flock by the running daemon; contains its pid. Taken before binding any socket,
 because a second ipc bind silently steals the endpoint from the first daemon."""
 
+STATE_LOCK_FILE = "daemon.json"
+"""In the state dir: held with flock by the daemon that owns the journal, for its whole life, and
+holding ``{pid, runtime_dir, instance, started}`` so that a client whose runtime dir is empty
+finds the live daemon instead of starting a second one on the same journal."""
+
 LOG_FILE = "effectd.log"
 """Log of a daemon started on demand (in the state dir)."""
 
@@ -60,13 +65,15 @@ MAX_IPC_PATH = 107
 
 
 def runtime_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """``$EFFECTD_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/effectd``, else ``/tmp/effectd-<uid>``."""
+    """``$EFFECTD_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/effectd``, else ``$TMPDIR/effectd-<uid>``
+    (``/tmp`` without ``TMPDIR``). The last one lives in a world-writable dir: see
+    :func:`effectd.ipc.dirs.check_private_dir` for why that is safe."""
     env = os.environ if environ is None else environ
     if env.get(RUNTIME_ENV):
         return Path(env[RUNTIME_ENV])
     if env.get("XDG_RUNTIME_DIR"):
         return Path(env["XDG_RUNTIME_DIR"]) / "effectd"
-    return Path(f"/tmp/effectd-{os.getuid()}")
+    return Path(env.get("TMPDIR") or "/tmp") / f"effectd-{os.getuid()}"
 
 
 def state_dir(environ: Mapping[str, str] | None = None) -> Path:

@@ -122,6 +122,13 @@ class DaemonUnavailable(Unavailable):
     code = "unavailable"
 
 
+class UnsafeDirectory(DaemonUnavailable):
+    """A runtime or state dir is not private to us (a symlink, another owner, or others can
+    reach it): nothing is started or connected through it. The message names the dir and why."""
+
+    code = "unavailable"
+
+
 class InternalError(EffectdError):
     """An unexpected failure inside the daemon; the message says what, please report it."""
 

@@ -8,6 +8,7 @@ before its commit is durable (WAL + ``synchronous=FULL``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import time
@@ -18,6 +19,8 @@ from typing import Any
 import msgpack
 
 from effectd.ipc.errors import DiskFull, JournalLost
+
+log = logging.getLogger("effectd.journal")
 
 SCHEMA_VERSION = 2
 JOURNAL_SUFFIXES = ("", "-wal", "-shm")
@@ -265,25 +268,33 @@ class Journal:
                 self._db.execute("ROLLBACK")
             self._in_batch = False
 
-    def _write(self, sql: str, params: Iterable[Any] = ()) -> None:
+    def _write(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
         self._begin()
         try:
-            self._db.execute(sql, tuple(params))
+            return self._db.execute(sql, tuple(params))
         except sqlite3.OperationalError as exc:
             raise DiskFull(f"journal write failed: {exc}") from exc
 
     # ---- writes ---------------------------------------------------------------------------
 
     def put_effect(self, record: Mapping[str, Any], event: str, payload: Any = None,
-                   *, new: bool = False) -> None:
-        """Store the effect's current record and append the event that produced it."""
+                   *, new: bool = False) -> bool:
+        """Store the effect's current (non-final) record and append the event that produced it.
+        A stored final record is never overwritten (nothing is written; returns False): a
+        final state never changes, whoever holds an older copy of the record."""
         eid = record["id"]
-        self._write(
-            "INSERT OR REPLACE INTO effects (id, state, name, submitted_at, finished_at, record)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+        cur = self._write(
+            "INSERT INTO effects (id, state, name, submitted_at, finished_at, record)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET state = excluded.state,"
+            " name = excluded.name, submitted_at = excluded.submitted_at,"
+            " finished_at = excluded.finished_at, record = excluded.record"
+            " WHERE effects.state IN ('queued', 'running')",
             (eid, record["state"], record.get("name"), record["submitted_at"],
              record.get("finished_at"), _pack(dict(record))),
         )
+        if cur.rowcount != 1:
+            log.error("refused to overwrite the final record of effect %s (event %s)", eid, event)
+            return False
         if new:
             for key, value in (record.get("labels") or {}).items():
                 self._write("INSERT OR REPLACE INTO labels VALUES (?, ?, ?)", (eid, key, value))
@@ -291,6 +302,23 @@ class Journal:
             "INSERT INTO events (effect_id, type, time, payload) VALUES (?, ?, ?, ?)",
             (eid, event, time.time(), None if payload is None else _pack(payload)),
         )
+        return True
+
+    def put_final(self, record: Mapping[str, Any], payload: Any = None) -> bool:
+        """Store an effect's final record and its one ``finished`` event - unless the stored record
+        is not ``queued``/``running`` any more: a final state never changes, so a second final
+        write is refused here, in the statement itself. Returns whether it was written."""
+        eid = record["id"]
+        cur = self._write(
+            "UPDATE effects SET state = ?, name = ?, submitted_at = ?, finished_at = ?, record = ?"
+            " WHERE id = ? AND state IN ('queued', 'running')",
+            (record["state"], record.get("name"), record["submitted_at"], record.get("finished_at"),
+             _pack(dict(record)), eid),
+        )
+        if cur.rowcount != 1:
+            return False
+        self.append_event(eid, "finished", payload)
+        return True
 
     def _write_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         self._begin()
