@@ -264,9 +264,12 @@ class RequestHandlers:
         size = self.d.outputs.size(a["id"], a["stream"])
         data = self.d.outputs.read(a["id"], a["stream"], a["offset"], a["max_bytes"])
         next_offset = a["offset"] + len(data)
+        if data:  # the file grew between the two reads: the bytes returned are part of it
+            size = max(size, next_offset)
+        # An offset past the end reads nothing and must not be reported as the stream's size.
         return {"id": a["id"], "stream": a["stream"], "offset": a["offset"], "data": data,
-                "next_offset": next_offset, "size": max(size, next_offset), "state": rec["state"],
-                "final": final, "eof": final and next_offset >= max(size, next_offset)}
+                "next_offset": next_offset, "size": size, "state": rec["state"],
+                "final": final, "eof": final and next_offset >= size}
 
     def op_group_set(self, ident: bytes, req: Request) -> dict[str, Any]:
         name, parallel = req.args["name"], req.args["parallel"]
