@@ -6,16 +6,19 @@ refuse to build are sent with a bare REQ socket (``RawReq``), as a hostile peer 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from effectd.ipc import codec
 from effectd.ipc.endpoints import Endpoints
 from tests.conftest import DaemonHandle
 from tests.test_protocol_robustness import RawReq, assert_error, req
 
 MIB = 1024 * 1024
+_pack, _unpack = codec.pack, codec.unpack
 
 
 @pytest.fixture
@@ -80,3 +83,41 @@ def test_read_output_past_the_end_reports_the_true_size(rq: RawReq) -> None:
         assert (r["data"], r["next_offset"], r["size"], r["eof"]) == (b"", offset, 3, True), r
     r = ok(rq.call(req("read_output", rid="r", id=eid, stream="stderr", offset=10)))
     assert (r["size"], r["eof"]) == (0, True), r
+
+
+# ---- 14.7 (c), (d): wait as docs/protocol.md §5.6 and §7.1 describe it -------------------------
+
+
+@pytest.mark.timeout(30)
+def test_parked_wait_on_an_effect_gc_deletes_wakes_at_once_with_not_found(daemon: DaemonHandle,
+                                                                          rq: RawReq) -> None:
+    # §5.6: "If a waited-for effect is deleted by retention while parked, the wait is answered
+    # with not_found." Parked on [done, running]: gc can only delete the final one.
+    done = ok(rq.call(req("submit", rid="s", effect={"kind": "sleep", "seconds": 0})))["id"]
+    wait_final(rq, done)
+    running = ok(rq.call(req("submit", rid="s", effect={"kind": "sleep", "seconds": 60})))["id"]
+    parked = RawReq(Endpoints.for_runtime(daemon.runtime).control)
+    try:
+        parked.sock.send(_pack(req("wait", rid="parked", ids=[done, running], timeout=20)))
+        assert not parked.sock.poll(300), "the wait must be parked"
+        assert ok(rq.call(req("gc", rid="gc", retain_count=0)))["removed"] == 1
+        started = time.monotonic()
+        assert parked.sock.poll(3000), "the parked wait was not woken by gc"
+        reply = _unpack(parked.sock.recv())
+        assert_error(reply, "not_found", done, rid="parked")
+        assert time.monotonic() - started < 3
+    finally:
+        parked.close()
+        rq.call(req("cancel", rid="c", ids=[running]))
+
+
+@pytest.mark.timeout(30)
+def test_wait_status_and_list_return_one_record_shape(rq: RawReq) -> None:
+    # §7.1: "status, list and wait return records with these fields", spec included.
+    effect = {"kind": "shell", "argv": ["/bin/sh", "-c", "echo $A"], "env": {"A": "1", "B": "2"}}
+    eid = ok(rq.call(req("submit", rid="s", effect=effect)))["id"]
+    waited = wait_final(rq, eid)
+    status = ok(rq.call(req("status", rid="st", ids=[eid])))["effects"][0]
+    listed = next(r for r in ok(rq.call(req("list", rid="l")))["effects"] if r["id"] == eid)
+    assert waited["spec"]["env"] == {"A": "1", "B": "2"}, waited["spec"]
+    assert waited == status == listed

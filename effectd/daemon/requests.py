@@ -45,13 +45,6 @@ class Waiter:
         return len(self.pending) < len(set(self.ids)) if self.first else not self.pending
 
 
-def _without_env(rec: dict[str, Any]) -> dict[str, Any]:
-    spec = rec.get("spec")
-    if isinstance(spec, dict) and "env" in spec:
-        rec = {**rec, "spec": {k: v for k, v in spec.items() if k != "env"}}
-    return rec
-
-
 RESULT_FIELDS = ("id", "state", "reason", "exit_code", "signal", "result", "error", "attempt",
                  "sizes", "truncated")
 
@@ -60,6 +53,7 @@ class RequestHandlers:
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
         self.waiters_by_effect: dict[str, list[Waiter]] = {}
+        """Every id of every parked wait (not only pending ones: gc deletes final effects)."""
         self.ready_waiters: list[Waiter] = []
 
     def dispatch(self, ident: bytes, req: Request) -> dict[str, Any] | None:
@@ -180,9 +174,8 @@ class RequestHandlers:
         return any(finals) if first else all(finals)
 
     def wait_reply(self, ids: list[str], timed_out: bool) -> dict[str, Any]:
-        # Without the submitter's environment: a wait on N effects answers N records each time
-        # one finishes, and the environment is most of a shell effect's record.
-        recs = [_without_env(r) for r in self.records(ids)]
+        # The same records as status/list (protocol.md §7.1); the reply budget bounds their size.
+        recs = self.records(ids)
         done = [r["id"] for r in recs if EffectState(r["state"]) in FINAL_STATES]
         return {"effects": recs, "done": done, "timed_out": timed_out}
 
@@ -197,16 +190,23 @@ class RequestHandlers:
         pending = {i for i in ids if self.state_of(i) not in FINAL_STATES}
         waiter = Waiter(ident, req.id, ids, first, time.monotonic() + req.args["timeout"], pending)
         self.d.waiters.append(waiter)
-        for eid in pending:
+        for eid in set(ids):
             self.waiters_by_effect.setdefault(eid, []).append(waiter)
         return None
 
     def effect_final(self, effect_id: str) -> None:
         """Called when an effect's final state is journaled: wakes only the waits on it."""
-        for waiter in self.waiters_by_effect.pop(effect_id, ()):
-            waiter.pending.discard(effect_id)
-            if waiter.satisfied:
-                self.ready_waiters.append(waiter)
+        for waiter in self.waiters_by_effect.get(effect_id, ()):
+            if effect_id in waiter.pending:
+                waiter.pending.discard(effect_id)
+                if waiter.satisfied:
+                    self.ready_waiters.append(waiter)
+
+    def effects_deleted(self, ids: list[str]) -> None:
+        """Called when gc deleted effects: waits naming one are answered now (``not_found``),
+        not at their deadline."""
+        for effect_id in ids:
+            self.ready_waiters.extend(self.waiters_by_effect.get(effect_id, ()))
 
     def resolve_waiters(self, now: float) -> None:
         """Answer waits whose effects became final, and those whose deadline passed. Work per
@@ -221,7 +221,7 @@ class RequestHandlers:
         self.d.waiters = [w for w in self.d.waiters if id(w) not in gone]
         self.ready_waiters = []
         for w in due:
-            for eid in w.pending:
+            for eid in set(w.ids):
                 lst = self.waiters_by_effect.get(eid)
                 if lst is not None:
                     lst[:] = [x for x in lst if x is not w]

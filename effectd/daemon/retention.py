@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,8 @@ class Retention:
     retain_count: int = DEFAULT_RETAIN_COUNT
     retain_bytes: int = DEFAULT_RETAIN_BYTES
     last_run: float = 0.0
+    on_deleted: Callable[[list[str]], None] | None = None
+    """Told the ids of deleted effects once their deletion is staged (parked waits wake)."""
 
     def due(self, now: float) -> bool:
         return now - self.last_run >= GC_INTERVAL
@@ -64,6 +67,8 @@ class Retention:
             freed += self.outputs.remove(eid)
         for start in range(0, len(doomed), 500):
             self.journal.delete_effects(doomed[start:start + 500], keys if start == 0 else ())
+        if doomed and self.on_deleted is not None:
+            self.on_deleted(doomed)
         if doomed:
             log.info("gc removed %d effects, freed %d output bytes", len(doomed), freed)
         return {"removed": len(doomed), "freed_bytes": freed, "kept": kept, "kept_bytes": kept_bytes}

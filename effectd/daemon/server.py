@@ -116,7 +116,8 @@ class Daemon:
         self.outputs = OutputStore(self.config.outputs_dir)
         cfg = self.config
         self.retention = Retention(self.journal, self.outputs, cfg.retain_days, cfg.retain_count,
-                                   cfg.retain_bytes, last_run=time.monotonic())
+                                   cfg.retain_bytes, last_run=time.monotonic(),
+                                   on_deleted=self.handlers.effects_deleted)
         groups = self.journal.get_meta("group_limits") or {}
         self.sched.group_limits.update(groups)
 
