@@ -10,7 +10,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
 import pytest
+import zmq
 
 from effectd.ipc import codec
 from effectd.ipc.endpoints import Endpoints
@@ -18,6 +20,8 @@ from tests.conftest import DaemonHandle
 from tests.test_protocol_robustness import RawReq, assert_error, req
 
 MIB = 1024 * 1024
+MAX_REPLY_BYTES = 48 * MIB
+"""docs/protocol.md §2.3: the largest reply the daemon sends."""
 _pack, _unpack = codec.pack, codec.unpack
 
 
@@ -121,3 +125,87 @@ def test_wait_status_and_list_return_one_record_shape(rq: RawReq) -> None:
     listed = next(r for r in ok(rq.call(req("list", rid="l")))["effects"] if r["id"] == eid)
     assert waited["spec"]["env"] == {"A": "1", "B": "2"}, waited["spec"]
     assert waited == status == listed
+
+
+# ---- 14.2: no request builds an unbounded reply; memory errors are answered --------------------
+
+HEADROOM = 512 * MIB
+"""Address space the daemon may grow by under the test's RLIMIT_AS (its start-up size is ~110 MiB):
+enough for replies within the documented budget, far too little for a 1 GB reply."""
+
+
+def _limit_address_space(pid: int, headroom: int) -> int:
+    proc = psutil.Process(pid)
+    limit = proc.memory_info().vms + headroom
+    proc.rlimit(psutil.RLIMIT_AS, (limit, limit))  # inherited by the workers it spawns from now on
+    return limit
+
+
+def _raw_call(rq: RawReq, msg: dict[str, Any]) -> tuple[dict[str, Any] | None, int]:
+    """(reply, its size in bytes); (None, 0) when no reply came."""
+    rq.sock.send(_pack(msg))
+    if not rq.sock.poll(20_000, zmq.POLLIN):
+        rq.sock.close(linger=0)
+        rq.sock = rq._open()
+        return None, 0
+    body = rq.sock.recv()
+    return _unpack(body, max_bytes=len(body)), len(body)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_hostile_requests_under_a_memory_limit_get_bounded_replies(daemon_factory: Any) -> None:
+    d = daemon_factory("--min-workers", "0", "--kill-grace", "1")
+    _limit_address_space(d.pid, HEADROOM)
+    rq = RawReq(Endpoints.for_runtime(d.runtime).control)
+    problems: list[str] = []
+    try:
+        # Records of ~15 MiB each (a 1 MiB command, 14 MiB of environment): four exceed the budget.
+        big_env = {f"V{i}": "v" * (MIB - 16) for i in range(14)}
+        effect = {"kind": "shell", "command": "#" * (MIB - 1), "env": big_env}
+        ids = [ok(rq.call(req("submit", rid="s", effect=effect)))["id"] for _ in range(4)]
+        for eid in ids:
+            wait_final(rq, eid, timeout=60)  # E2BIG: spawn_failed; only the record size matters
+
+        def check(what: str, msg: dict[str, Any], expect: str) -> dict[str, Any] | None:
+            reply, size = _raw_call(rq, msg)
+            if d.proc.poll() is not None:
+                problems.append(f"{what}: the daemon died (exit {d.proc.returncode})")
+                return None
+            if reply is None:
+                problems.append(f"{what}: no reply")
+            elif size > MAX_REPLY_BYTES:
+                problems.append(f"{what}: {size / MIB:.0f} MiB reply")
+            elif ("ok" if reply["ok"] else reply["error"]["code"]) != expect:
+                problems.append(f"{what}: {reply.get('error') or 'ok'} instead of {expect}")
+            return reply
+
+        # One id named 100 and 1000 times (27 KB request): de-duplicated, one record.
+        for n in (100, 1000):
+            reply = check(f"status x{n}", req("status", rid="st", ids=[ids[0]] * n), "ok")
+            if reply and reply.get("ok") and len(reply["effects"]) != 1:
+                problems.append(f"status x{n}: {len(reply['effects'])} records")
+        check("status of 4 big", req("status", rid="st", ids=ids), "too_large")
+        check("wait on 4 big", req("wait", rid="w", ids=ids, timeout=0), "too_large")
+        # list pages at the budget: every effect exactly once over the pages.
+        seen: list[str] = []
+        before = None
+        for _ in range(len(ids) + 1):
+            reply = check("list page", req("list", rid="l", before=before) if before else req("list", rid="l"),
+                          "ok")
+            if not reply or not reply.get("ok") or not reply["effects"]:
+                break
+            seen += [r["id"] for r in reply["effects"]]
+            before = seen[-1]
+        if sorted(seen) != sorted(ids):
+            problems.append(f"list pages returned {len(seen)} records for {len(ids)} effects")
+        listed = [r.id for r in d.client().list()]  # the client follows 'truncated' pages itself
+        if sorted(listed) != sorted(ids):
+            problems.append(f"Client.list returned {len(listed)} records for {len(ids)} effects")
+        assert not problems, problems
+        # The daemon and a worker started under the limit still work.
+        eid = ok(rq.call(req("submit", rid="s", effect={"kind": "shell", "command": "echo ok"})))["id"]
+        assert wait_final(rq, eid)["state"] == "succeeded"
+        assert ok(rq.call(req("read_output", rid="r", id=eid, stream="stdout")))["data"] == b"ok\n"
+    finally:
+        rq.close()

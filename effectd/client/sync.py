@@ -128,9 +128,15 @@ class Client:
 
     def list(self, *, states: Sequence[str] | None = None, labels: Mapping[str, str] | None = None,
              name: str | None = None, limit: int = 100, before: str | None = None) -> builtins.list[EffectRecord]:
-        reply = self.call("list", states=list(states) if states else None,
-                          labels=dict(labels) if labels else None, name=name, limit=limit, before=before)
-        return [EffectRecord.from_wire(r) for r in reply["effects"]]
+        out: builtins.list[EffectRecord] = []
+        while True:  # a page the daemon cut at its reply limit ("truncated") continues from its last id
+            reply = self.call("list", states=list(states) if states else None,
+                              labels=dict(labels) if labels else None, name=name, limit=limit - len(out),
+                              before=before)
+            out += [EffectRecord.from_wire(r) for r in reply["effects"]]
+            if not reply.get("truncated") or not reply["effects"] or len(out) >= limit:
+                return out
+            before = out[-1].id
 
     def _wait(self, ids: builtins.list[str], timeout: float | None,
               first: bool) -> tuple[builtins.list[EffectRecord], bool]:

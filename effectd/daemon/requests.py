@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from effectd import __version__
 from effectd.daemon.core import Effect
-from effectd.ipc.errors import InvalidState, NotFound, QueueFull, TooManyWaits, Unavailable
+from effectd.ipc import codec
+from effectd.ipc.codec import PackedArray
+from effectd.ipc.errors import InvalidState, NotFound, QueueFull, TooLarge, TooManyWaits, Unavailable
 from effectd.ipc.schema import (
     CAPABILITIES,
     FINAL_STATES,
@@ -45,6 +47,9 @@ class Waiter:
         return len(self.pending) < len(set(self.ids)) if self.first else not self.pending
 
 
+RECORDS_BUDGET = codec.MAX_REPLY_BYTES - 1024 * 1024
+"""Encoded records per reply; the rest of the limit is for the envelope and ``done`` (10 000 ids)."""
+
 RESULT_FIELDS = ("id", "state", "reason", "exit_code", "signal", "result", "error", "attempt",
                  "sizes", "truncated")
 
@@ -72,22 +77,51 @@ class RequestHandlers:
             return rec
         return self.d.journal.get(effect_id)
 
-    def records(self, ids: list[str]) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        missing: list[str] = []
-        for eid in ids:
-            rec = self.record(eid)
-            if rec is None:
-                missing.append(eid)
-            else:
-                out.append(rec)
+    def packed_records(self, ids: list[str]) -> tuple[PackedArray, list[str]]:
+        """The records of the distinct ``ids`` (first occurrence order), each encoded once within
+        the reply budget, and the ids among them that are final. Raises NotFound / TooLarge.
+
+        Naming one id a thousand times costs one record; many large records cost at most the
+        budget before the request is refused, never a reply the size of their sum."""
+        distinct = list(dict.fromkeys(ids))
+        self.check_exist(distinct)
+        out = PackedArray()
+        done: list[str] = []
+        size = 0
+        for eid in distinct:
+            state, item = self.packed_record(eid)
+            size += len(item)
+            if size > RECORDS_BUDGET:
+                raise TooLarge(f"the records of these {len(distinct)} effects exceed the reply limit of "
+                               f"{codec.MAX_REPLY_BYTES} bytes after {len(out)} of them; ask for fewer ids")
+            out.append(item)
+            if state in FINAL_STATES:
+                done.append(eid)
+        return out, done
+
+    def packed_record(self, effect_id: str) -> tuple[EffectState, bytes]:
+        """One record, encoded: live effects from memory, the others as the journal stores them
+        (already msgpack: neither decoded nor encoded again)."""
+        eff = self.d.sched.effects.get(effect_id)
+        if eff is not None:
+            return eff.state, codec.pack(self.record(effect_id))
+        stored = self.d.journal.get_packed(effect_id)
+        if stored is None:
+            raise NotFound(f"no effect with id {effect_id}")
+        return EffectState(stored[0]), stored[1]
+
+    def check_exist(self, ids: list[str]) -> None:
+        """NotFound naming (up to 10 of) the ids no effect has; loads no record."""
+        missing = [eid for eid in dict.fromkeys(ids) if self.state_of(eid) is None]
         if missing:
             raise NotFound(f"no effect with id {', '.join(missing[:10])}")
-        return out
 
     def state_of(self, effect_id: str) -> EffectState | None:
-        rec = self.record(effect_id)
-        return None if rec is None else EffectState(rec["state"])
+        eff = self.d.sched.effects.get(effect_id)
+        if eff is not None:
+            return eff.state
+        state = self.d.journal.state(effect_id)
+        return None if state is None else EffectState(state)
 
     # ---- ops ------------------------------------------------------------------------------
 
@@ -161,13 +195,28 @@ class RequestHandlers:
         return {"ids": self._submit(req.args["effects"], req.args["request_key"])}
 
     def op_status(self, ident: bytes, req: Request) -> dict[str, Any]:
-        return {"effects": self.records(req.args["ids"])}
+        return {"effects": self.packed_records(req.args["ids"])[0]}
 
     def op_list(self, ident: bytes, req: Request) -> dict[str, Any]:
+        """A page ends at ``limit`` records or at the reply budget (``truncated``), whichever
+        comes first; the client continues with ``before`` = the last id it got."""
         a = req.args
-        recs = self.d.journal.list(states=a["states"], labels=a["labels"], name=a["name"],
-                                   limit=a["limit"], before=a["before"])
-        return {"effects": [self.record(r["id"]) or r for r in recs]}
+        out = PackedArray()
+        size = 0
+        truncated = False
+        for eid, item in self.d.journal.list_packed(states=a["states"], labels=a["labels"], name=a["name"],
+                                                    limit=a["limit"], before=a["before"]):
+            if eid in self.d.sched.effects:  # live: memory is ahead of the journal
+                item = codec.pack(self.record(eid))
+            size += len(item)
+            if size > RECORDS_BUDGET:
+                if not out:
+                    raise TooLarge(f"effect {eid}'s record exceeds the reply limit of "
+                                   f"{codec.MAX_REPLY_BYTES} bytes")
+                truncated = True
+                break
+            out.append(item)
+        return {"effects": out, "truncated": truncated}
 
     def _wait_done(self, ids: list[str], first: bool) -> bool:
         finals = [self.state_of(i) in FINAL_STATES for i in ids]
@@ -175,13 +224,12 @@ class RequestHandlers:
 
     def wait_reply(self, ids: list[str], timed_out: bool) -> dict[str, Any]:
         # The same records as status/list (protocol.md §7.1); the reply budget bounds their size.
-        recs = self.records(ids)
-        done = [r["id"] for r in recs if EffectState(r["state"]) in FINAL_STATES]
+        recs, done = self.packed_records(ids)
         return {"effects": recs, "done": done, "timed_out": timed_out}
 
     def op_wait(self, ident: bytes, req: Request) -> dict[str, Any] | None:
-        ids = req.args["ids"]
-        self.records(ids)  # NotFound before parking
+        ids = list(dict.fromkeys(req.args["ids"]))
+        self.check_exist(ids)  # NotFound before parking
         first = req.args["return_when"] == "first"
         if self._wait_done(ids, first) or req.args["timeout"] == 0:
             return self.wait_reply(ids, timed_out=not self._wait_done(ids, first))
@@ -236,14 +284,16 @@ class RequestHandlers:
         return min((w.deadline for w in self.d.waiters), default=float("inf"))
 
     def op_result(self, ident: bytes, req: Request) -> dict[str, Any]:
-        rec = self.records([req.args["id"]])[0]
+        rec = self.record(req.args["id"])
+        if rec is None:
+            raise NotFound(f"no effect with id {req.args['id']}")
         if EffectState(rec["state"]) not in FINAL_STATES:
             raise InvalidState(f"effect {rec['id']} is {rec['state']}; its result is not known yet")
         return {k: rec.get(k) for k in RESULT_FIELDS}
 
     def op_cancel(self, ident: bytes, req: Request) -> dict[str, Any]:
         d = self.d
-        self.records(req.args["ids"])
+        self.check_exist(req.args["ids"])
         reason = req.args["reason"] or "cancelled"
         results = []
         for eid in req.args["ids"]:
@@ -257,8 +307,10 @@ class RequestHandlers:
 
     def op_read_output(self, ident: bytes, req: Request) -> dict[str, Any]:
         a = req.args
-        rec = self.records([a["id"]])[0]
-        final = EffectState(rec["state"]) in FINAL_STATES
+        state = self.state_of(a["id"])
+        if state is None:
+            raise NotFound(f"no effect with id {a['id']}")
+        final = state in FINAL_STATES
         # Size first, then data: with the worker appending concurrently, data may extend past
         # the size we report but never the other way round.
         size = self.d.outputs.size(a["id"], a["stream"])
@@ -268,7 +320,7 @@ class RequestHandlers:
             size = max(size, next_offset)
         # An offset past the end reads nothing and must not be reported as the stream's size.
         return {"id": a["id"], "stream": a["stream"], "offset": a["offset"], "data": data,
-                "next_offset": next_offset, "size": size, "state": rec["state"],
+                "next_offset": next_offset, "size": size, "state": state.value,
                 "final": final, "eof": final and next_offset >= size}
 
     def op_group_set(self, ident: bytes, req: Request) -> dict[str, Any]:

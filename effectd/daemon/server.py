@@ -37,7 +37,7 @@ from effectd.daemon.sdnotify import SystemdNotifier
 from effectd.daemon.worker import HEARTBEAT_LIVENESS
 from effectd.ipc import codec
 from effectd.ipc.endpoints import Endpoints, stream_hwm
-from effectd.ipc.errors import BadRequest, DiskFull, EffectdError, InternalError, Unavailable
+from effectd.ipc.errors import BadRequest, DiskFull, EffectdError, InternalError, TooLarge, Unavailable
 from effectd.ipc.schema import (
     OPS,
     WORKER_TO_DAEMON,
@@ -177,11 +177,21 @@ class Daemon:
         """Queue a reply. ``durable`` replies (to mutating requests, and waits reporting final
         states) are replaced by ``disk_full`` if the batch fails to commit; read-only replies
         are sent regardless, so a daemon on a full disk still answers hello/status/list."""
+        failure: EffectdError | None = None
         try:
             body = codec.pack(ok_reply(request_id, **fields))
         except (ValueError, TypeError, OverflowError) as exc:  # e.g. msgpack's recursion limit
             log.error("reply to %r could not be encoded: %s", request_id, exc)
-            self.reply_error(ident, request_id, InternalError(f"reply could not be encoded: {exc}"))
+            failure = InternalError(f"reply could not be encoded: {exc}")
+        except MemoryError:
+            # Answered after the except block, once the partial encoding is freed.
+            failure = InternalError("the daemon ran out of memory encoding the reply; ask for less")
+        if failure is None and len(body) > codec.MAX_REPLY_BYTES:  # the last line of defence
+            failure = TooLarge(f"the reply would be {len(body)} bytes, over the limit of "
+                               f"{codec.MAX_REPLY_BYTES}; ask for less")
+        if failure is not None:
+            body = b""
+            self.reply_error(ident, request_id, failure)
             return
         self.queue_send(self.control, [ident, b"", body], durable)
 
@@ -269,16 +279,23 @@ class Daemon:
         # A savepoint per request: a request that fails half-way undoes only its own writes,
         # never those of other requests in the same batch whose replies are already queued.
         self.journal.savepoint()
+        failure: EffectdError | None = None
         try:
             fields = self.handlers.dispatch(ident, req)
         except EffectdError as exc:
-            self.journal.rollback_to_savepoint()
-            self.reply_error(ident, req.id, exc)
-            return
+            failure = exc
+        except MemoryError:
+            # Answered after the except block: the traceback holds what filled the memory, and
+            # one request must never end the loop.
+            failure = InternalError(f"the daemon ran out of memory handling {req.op}; ask for less")
         except Exception as exc:
             log.exception("request %s failed", req.op)
+            failure = InternalError(f"{type(exc).__name__}: {exc}")
+        if failure is not None:
+            if failure.code == "internal":
+                log.error("request %s (rid %r) failed: %s", req.op, req.id, failure.message)
             self.journal.rollback_to_savepoint()
-            self.reply_error(ident, req.id, InternalError(f"{type(exc).__name__}: {exc}"))
+            self.reply_error(ident, req.id, failure)
             return
         self.journal.release_savepoint()
         if fields is not None:
