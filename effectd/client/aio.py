@@ -46,13 +46,20 @@ import zmq
 import zmq.asyncio
 
 from effectd.client import autostart
-from effectd.client.follow import FINISHED, IDLE_CHECK, SUBSCRIBED_WAIT, Follower, parse_frame
+from effectd.client.follow import (
+    FINISHED,
+    IDLE_CHECK,
+    SUBSCRIBED_WAIT,
+    Follower,
+    busy_backoff,
+    parse_frame,
+)
 from effectd.client.records import Chunk, EffectRecord, OutputSlice
 from effectd.client.spec import python_spec, shell_spec, sleep_spec
 from effectd.client.sync import DEFAULT_RETRIES, DEFAULT_TIMEOUT, WAIT_SLICE
 from effectd.ipc import codec
 from effectd.ipc.endpoints import Endpoints, runtime_dir, state_dir, stream_hwm
-from effectd.ipc.errors import DaemonUnavailable, EffectdError, TooLarge, error_from_wire
+from effectd.ipc.errors import Busy, DaemonUnavailable, EffectdError, TooLarge, error_from_wire
 from effectd.ipc.schema import EffectState, build_request
 
 log = logging.getLogger("effectd.client.aio")
@@ -409,8 +416,19 @@ class AsyncClient:
 
     async def read_output(self, effect_id: str, stream: str = "stdout", offset: int = 0,
                           max_bytes: int | None = None) -> OutputSlice:
-        r = await self.call("read_output", id=effect_id, stream=stream, offset=offset,
-                            max_bytes=max_bytes)
+        """Stored bytes from ``offset`` (possibly fewer than ``max_bytes``); a ``busy`` answer
+        (the daemon's read budget is in use by other readers) is retried after a short backoff."""
+        delays = busy_backoff()
+        while True:
+            try:
+                r = await self.call("read_output", id=effect_id, stream=stream, offset=offset,
+                                    max_bytes=max_bytes)
+                break
+            except Busy:
+                delay = next(delays, None)
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
         return OutputSlice(r["id"], r["stream"], r["offset"], bytes(r["data"]), r["next_offset"],
                            r["size"], EffectState(r["state"]), bool(r["eof"]))
 

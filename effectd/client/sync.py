@@ -13,12 +13,12 @@ import msgpack
 import zmq
 
 from effectd.client import autostart
-from effectd.client.follow import FINISHED, IDLE_CHECK, SUBSCRIBED_WAIT, Follower, parse_frame
+from effectd.client.follow import FINISHED, IDLE_CHECK, SUBSCRIBED_WAIT, Follower, busy_backoff, parse_frame
 from effectd.client.records import Chunk, EffectRecord, OutputSlice
 from effectd.client.spec import python_spec, shell_spec, sleep_spec
 from effectd.client.transport import ReqChannel
 from effectd.ipc.endpoints import Endpoints, runtime_dir, state_dir, stream_hwm
-from effectd.ipc.errors import DaemonUnavailable
+from effectd.ipc.errors import Busy, DaemonUnavailable
 from effectd.ipc.schema import EffectState, build_request
 
 DEFAULT_TIMEOUT = 5.0
@@ -185,7 +185,18 @@ class Client:
 
     def read_output(self, effect_id: str, stream: str = "stdout", offset: int = 0,
                     max_bytes: int | None = None) -> OutputSlice:
-        r = self.call("read_output", id=effect_id, stream=stream, offset=offset, max_bytes=max_bytes)
+        """Stored bytes from ``offset`` (possibly fewer than ``max_bytes``); a ``busy`` answer
+        (the daemon's read budget is in use by other readers) is retried after a short backoff."""
+        delays = busy_backoff()
+        while True:
+            try:
+                r = self.call("read_output", id=effect_id, stream=stream, offset=offset, max_bytes=max_bytes)
+                break
+            except Busy:
+                delay = next(delays, None)
+                if delay is None:
+                    raise
+                time.sleep(delay)
         return OutputSlice(r["id"], r["stream"], r["offset"], bytes(r["data"]), r["next_offset"], r["size"],
                            EffectState(r["state"]), bool(r["eof"]))
 

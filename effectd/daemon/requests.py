@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from effectd import __version__
 from effectd.daemon.core import Effect
+from effectd.daemon.flow import ReadCredits, total_inflight
 from effectd.ipc import codec
 from effectd.ipc.codec import PackedArray
 from effectd.ipc.errors import InvalidState, NotFound, QueueFull, TooLarge, TooManyWaits, Unavailable
@@ -60,6 +61,7 @@ class RequestHandlers:
         self.waiters_by_effect: dict[str, list[Waiter]] = {}
         """Every id of every parked wait (not only pending ones: gc deletes final effects)."""
         self.ready_waiters: list[Waiter] = []
+        self.credits = ReadCredits(total_inflight())
 
     def dispatch(self, ident: bytes, req: Request) -> dict[str, Any] | None:
         """Reply fields, or None when the request was parked (wait)."""
@@ -147,6 +149,8 @@ class RequestHandlers:
             "worker_crashes_recent": d.recent_crashes(),
             "spawn_backoff": max(0.0, d.spawn_not_before - time.monotonic()),
             "draining": d.draining,
+            "read_inflight": self.credits.inflight,
+            "read_busy": self.credits.busy_answers,
             "managed_by": d.managed_by,
             "runtime_dir": str(d.config.runtime_dir),
             "state_dir": str(d.config.state_dir),
@@ -314,7 +318,11 @@ class RequestHandlers:
         # Size first, then data: with the worker appending concurrently, data may extend past
         # the size we report but never the other way round.
         size = self.d.outputs.size(a["id"], a["stream"])
-        data = self.d.outputs.read(a["id"], a["stream"], a["offset"], a["max_bytes"])
+        # Flow control: replies not yet read by their clients are bounded in total (flow.py).
+        reader = (ident, a["id"], a["stream"])
+        allowed = self.credits.grant(reader, min(a["max_bytes"], max(0, size - a["offset"])) or 1)
+        data = self.d.outputs.read(a["id"], a["stream"], a["offset"], allowed)
+        self.credits.charge(reader, len(data))
         next_offset = a["offset"] + len(data)
         if data:  # the file grew between the two reads: the bytes returned are part of it
             size = max(size, next_offset)
