@@ -155,3 +155,37 @@ def test_stream_followers_are_exact_when_reads_are_answered_busy(daemon_factory:
     assert exact == followers
     assert hello["read_busy"] > 0, "the budget was never exhausted: the test did not test busy"
     assert rss.growth < RSS_GROWTH_BOUND
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_async_followers_are_exact_when_reads_are_answered_busy(daemon_factory: Any) -> None:
+    """20 AsyncClient.stream followers (one client each, one event loop) under a tiny read budget:
+    busy answers are retried transparently and every follower gets every byte."""
+    import asyncio
+
+    from effectd.client.aio import AsyncClient
+
+    size, followers = 4 * 1000 * 1000, 20
+    d = daemon_factory("--kill-grace", "1", env={"EFFECTD_READ_INFLIGHT": str(256 * 1024)})
+    expected = hashlib.sha256(expected_bytes(size)).hexdigest()
+
+    def client() -> AsyncClient:
+        return AsyncClient(d.runtime, state=d.state, autostart=False, timeout=30)
+
+    async def follow(eid: str) -> str:
+        h = hashlib.sha256()
+        async with client() as c:
+            async for chunk in c.stream(eid, streams=("stdout",)):
+                h.update(chunk.data)
+        return h.hexdigest()
+
+    async def run() -> tuple[list[str], int]:
+        async with client() as c:
+            eid = await c.submit_shell(f"yes {PATTERN.decode().strip()} | head -c {size}")
+            digests = await asyncio.gather(*(follow(eid) for _ in range(followers)))
+            return list(digests), (await c.hello())["read_busy"]
+
+    digests, busy = asyncio.run(run())
+    assert sum(1 for v in digests if v == expected) == followers
+    assert busy > 0, "no read was answered busy: the test did not test busy"

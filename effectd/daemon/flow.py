@@ -1,26 +1,28 @@
 """Flow control for ``read_output``: the daemon's memory stays bounded whatever the number of readers.
 
-A ``read_output`` reply sits in the control ROUTER's pipe (daemon memory) until its client reads
-it. ZeroMQ does not tell the daemon when that happens, so the daemon keeps a ledger of the bytes
-it has sent and not yet seen acknowledged. One entry per reader, i.e. per (client identity, effect,
-stream): readers read sequentially, so a reader's next ``read_output`` acknowledges its previous
-reply (and a client that vanished or reconnected releases its entries after ``CREDIT_TTL``).
+A ``read_output`` reply sits in the daemon (the loop turn's outbox, then the control ROUTER's pipe)
+until its client takes it. ZeroMQ does not tell the daemon when that happens, so the daemon keeps a
+ledger of the data bytes it has sent and not seen acknowledged. A client's next request, of any
+op, acknowledges its replies sent in earlier loop turns: exact for REQ clients (a REQ socket cannot
+send before it has received the previous reply); DEALER clients (the async and Node clients) read
+replies as they arrive and are treated the same way. A reply nobody acknowledges (the client
+vanished or reconnected) stops counting after ``CREDIT_TTL``.
 
-A new read is served with at most:
+A read is served with at most:
 
-* its fair share of the total budget (``TOTAL_INFLIGHT`` / number of readers in flight), at
-  least ``MIN_SLICE`` (protocol: ``data`` may be shorter than ``max_bytes``);
-* what the client identity has left of ``PER_CLIENT_INFLIGHT``;
+* its fair share of the total budget (``TOTAL_INFLIGHT`` / (replies in flight + 1)), at least
+  ``MIN_SLICE`` (protocol: ``data`` may be shorter than ``max_bytes``);
+* what the client identity has left of ``PER_CLIENT_INFLIGHT`` (requests it pipelines within one
+  loop turn);
 * what is left of ``TOTAL_INFLIGHT``.
 
-When less than ``MIN_SLICE`` is left (of the total or of the client's share) the read is answered
-``busy`` and the client retries after a short backoff. So the bytes of unacknowledged
-``read_output`` replies never exceed ``TOTAL_INFLIGHT`` (docs/architecture.md, "Many followers").
+When less than ``MIN_SLICE`` is left the read is answered ``busy`` and the client retries after a
+short backoff. So the bytes of unacknowledged ``read_output`` replies never exceed
+``TOTAL_INFLIGHT`` (docs/architecture.md, "Many followers").
 """
 
 from __future__ import annotations
 
-import collections
 import os
 import time
 from collections.abc import Mapping
@@ -37,11 +39,9 @@ CREDIT_TTL = 10.0
 """Seconds after which an unacknowledged reply no longer counts (its client went away, or reads
 no more of that stream)."""
 
-ReaderKey = tuple[bytes, str, str]
-
-
 @dataclass
-class _Entry:
+class _Reply:
+    client: bytes
     nbytes: int
     since: float
 
@@ -62,49 +62,61 @@ class ReadCredits:
         self.min_slice = min_slice
         self.ttl = ttl
         self.inflight = 0
-        self._entries: collections.OrderedDict[ReaderKey, _Entry] = collections.OrderedDict()
-        self._by_client: dict[bytes, int] = {}
         self.busy_answers = 0
+        self._replies: dict[int, _Reply] = {}  # insertion order = age (for the TTL)
+        self._by_client: dict[bytes, list[int]] = {}
+        self._client_bytes: dict[bytes, int] = {}
+        self._seq = 0
+        self._sent_up_to = 0  # replies up to this seq left the outbox in an earlier loop turn
 
-    def grant(self, key: ReaderKey, wanted: int, now: float | None = None) -> int:
-        """Bytes this read may return (≤ ``wanted``); acknowledges the reader's previous reply.
-        Raises Busy when the budget is used up by replies other readers have not read yet."""
-        now = time.monotonic() if now is None else now
-        self._release(key)
-        self._expire(now)
-        client_left = self.per_client - self._by_client.get(key[0], 0)
+    def request_from(self, client: bytes) -> None:
+        """Any request from ``client`` acknowledges its replies sent in earlier loop turns."""
+        seqs = self._by_client.get(client)
+        if seqs:
+            for seq in [q for q in seqs if q <= self._sent_up_to]:
+                self._release(seq)
+
+    def turn_flushed(self) -> None:
+        """The loop turn's outbox was sent."""
+        self._sent_up_to = self._seq
+
+    def grant(self, client: bytes, wanted: int, now: float | None = None) -> int:
+        """Bytes a read may return (≤ ``wanted``). Raises Busy when the budget is held by
+        replies not read yet."""
+        self._expire(time.monotonic() if now is None else now)
+        client_left = self.per_client - self._client_bytes.get(client, 0)
         total_left = self.total - self.inflight
         if min(client_left, total_left) < min(self.min_slice, wanted):
             self.busy_answers += 1
-            raise Busy(f"{self.inflight} bytes of read_output replies are not read yet by "
-                       f"{len(self._entries)} readers; retry shortly")
-        share = max(self.min_slice, self.total // (len(self._entries) + 1))
+            raise Busy(f"{self.inflight} bytes of read_output replies are not read yet by their "
+                       f"clients ({len(self._replies)} replies); retry shortly")
+        share = max(self.min_slice, self.total // (len(self._replies) + 1))
         return max(0, min(wanted, share, client_left, total_left))
 
-    def charge(self, key: ReaderKey, nbytes: int, now: float | None = None) -> None:
-        """Record a reply of ``nbytes`` data sent to the reader (0: nothing to acknowledge)."""
+    def charge(self, client: bytes, nbytes: int, now: float | None = None) -> None:
+        """Record a reply carrying ``nbytes`` of data to ``client``."""
         if nbytes <= 0:
             return
-        now = time.monotonic() if now is None else now
-        self._entries[key] = _Entry(nbytes, now)
-        self._entries.move_to_end(key)
-        self._by_client[key[0]] = self._by_client.get(key[0], 0) + nbytes
+        self._seq += 1
+        self._replies[self._seq] = _Reply(client, nbytes, time.monotonic() if now is None else now)
+        self._by_client.setdefault(client, []).append(self._seq)
+        self._client_bytes[client] = self._client_bytes.get(client, 0) + nbytes
         self.inflight += nbytes
 
-    def _release(self, key: ReaderKey) -> None:
-        entry = self._entries.pop(key, None)
-        if entry is None:
-            return
-        self.inflight -= entry.nbytes
-        left = self._by_client[key[0]] - entry.nbytes
-        if left > 0:
-            self._by_client[key[0]] = left
+    def _release(self, seq: int) -> None:
+        reply = self._replies.pop(seq)
+        self.inflight -= reply.nbytes
+        seqs = self._by_client[reply.client]
+        seqs.remove(seq)
+        if not seqs:
+            del self._by_client[reply.client]
+            del self._client_bytes[reply.client]
         else:
-            del self._by_client[key[0]]
+            self._client_bytes[reply.client] -= reply.nbytes
 
     def _expire(self, now: float) -> None:
-        while self._entries:
-            key, entry = next(iter(self._entries.items()))
-            if now - entry.since < self.ttl:
+        while self._replies:
+            seq, reply = next(iter(self._replies.items()))
+            if now - reply.since < self.ttl:
                 return
-            self._release(key)
+            self._release(seq)

@@ -65,6 +65,7 @@ class RequestHandlers:
 
     def dispatch(self, ident: bytes, req: Request) -> dict[str, Any] | None:
         """Reply fields, or None when the request was parked (wait)."""
+        self.credits.request_from(ident)
         method = getattr(self, f"op_{req.op}")
         return method(ident, req)  # type: ignore[no-any-return]
 
@@ -319,10 +320,9 @@ class RequestHandlers:
         # the size we report but never the other way round.
         size = self.d.outputs.size(a["id"], a["stream"])
         # Flow control: replies not yet read by their clients are bounded in total (flow.py).
-        reader = (ident, a["id"], a["stream"])
-        allowed = self.credits.grant(reader, min(a["max_bytes"], max(0, size - a["offset"])) or 1)
+        allowed = self.credits.grant(ident, min(a["max_bytes"], max(0, size - a["offset"])) or 1)
         data = self.d.outputs.read(a["id"], a["stream"], a["offset"], allowed)
-        self.credits.charge(reader, len(data))
+        self.credits.charge(ident, len(data))
         next_offset = a["offset"] + len(data)
         if data:  # the file grew between the two reads: the bytes returned are part of it
             size = max(size, next_offset)

@@ -225,6 +225,7 @@ class Daemon:
                 self.outputs.mark_final(eid)
         self.final_markers = []
         outbox, self.outbox = self.outbox, []
+        self.handlers.credits.turn_flushed()
         for sock, frames, _ in outbox:
             try:
                 sock.send_multipart(frames, zmq.NOBLOCK)
