@@ -24,7 +24,7 @@ SUBSCRIBED_WAIT = 2.0
 """Seconds to wait for the daemon's 'subscribed' event before reading the store anyway."""
 BUSY_GIVE_UP = 60.0
 """Seconds a ``read_output`` answered ``busy`` is retried before the error is raised (the daemon
-frees its read budget within 10 s even if the readers holding it vanished)."""
+frees its read budget within 2 s even if the readers holding it vanished)."""
 IDLE_CHECK = 0.25
 """A follower in which no stream advanced for this long checks the store (covers a dropped
 'finished' event, even while unrelated messages keep arriving)."""

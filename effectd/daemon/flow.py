@@ -35,15 +35,19 @@ TOTAL_ENV = "EFFECTD_READ_INFLIGHT"
 """Overrides TOTAL_INFLIGHT (bytes; tests set it tiny to force ``busy`` answers)."""
 PER_CLIENT_INFLIGHT = 16 * 1024 * 1024
 MIN_SLICE = 64 * 1024
-CREDIT_TTL = 10.0
-"""Seconds after which an unacknowledged reply no longer counts (its client went away, or reads
-no more of that stream)."""
+CREDIT_TTL = 2.0
+"""Seconds after which an unacknowledged reply no longer counts. A live client takes a reply in
+milliseconds; replies nobody acknowledges are those of clients that closed or reconnected."""
+LAST_REPLY_TTL = 0.25
+"""The same for a reply that ends a final effect's stream (``eof``): it is usually the last
+request of a follower that then closes, so nothing will acknowledge it."""
 
 @dataclass
 class _Reply:
     client: bytes
     nbytes: int
     since: float
+    last: bool
 
 
 def total_inflight(environ: Mapping[str, str] | None = None) -> int:
@@ -63,7 +67,9 @@ class ReadCredits:
         self.ttl = ttl
         self.inflight = 0
         self.busy_answers = 0
-        self._replies: dict[int, _Reply] = {}  # insertion order = age (for the TTL)
+        # Insertion order = age, one dict per TTL, so expiry only looks at the oldest entries.
+        self._replies: dict[int, _Reply] = {}
+        self._last_replies: dict[int, _Reply] = {}
         self._by_client: dict[bytes, list[int]] = {}
         self._client_bytes: dict[bytes, int] = {}
         self._seq = 0
@@ -89,22 +95,24 @@ class ReadCredits:
         if min(client_left, total_left) < min(self.min_slice, wanted):
             self.busy_answers += 1
             raise Busy(f"{self.inflight} bytes of read_output replies are not read yet by their "
-                       f"clients ({len(self._replies)} replies); retry shortly")
-        share = max(self.min_slice, self.total // (len(self._replies) + 1))
+                       f"clients; retry shortly")
+        share = max(self.min_slice, self.total // (len(self._replies) + len(self._last_replies) + 1))
         return max(0, min(wanted, share, client_left, total_left))
 
-    def charge(self, client: bytes, nbytes: int, now: float | None = None) -> None:
-        """Record a reply carrying ``nbytes`` of data to ``client``."""
+    def charge(self, client: bytes, nbytes: int, *, last: bool = False, now: float | None = None) -> None:
+        """Record a reply carrying ``nbytes`` of data to ``client``; ``last``: it ends a final
+        effect's stream (see LAST_REPLY_TTL)."""
         if nbytes <= 0:
             return
         self._seq += 1
-        self._replies[self._seq] = _Reply(client, nbytes, time.monotonic() if now is None else now)
+        reply = _Reply(client, nbytes, time.monotonic() if now is None else now, last)
+        (self._last_replies if last else self._replies)[self._seq] = reply
         self._by_client.setdefault(client, []).append(self._seq)
         self._client_bytes[client] = self._client_bytes.get(client, 0) + nbytes
         self.inflight += nbytes
 
     def _release(self, seq: int) -> None:
-        reply = self._replies.pop(seq)
+        reply = self._replies.pop(seq, None) or self._last_replies.pop(seq)
         self.inflight -= reply.nbytes
         seqs = self._by_client[reply.client]
         seqs.remove(seq)
@@ -115,8 +123,9 @@ class ReadCredits:
             self._client_bytes[reply.client] -= reply.nbytes
 
     def _expire(self, now: float) -> None:
-        while self._replies:
-            seq, reply = next(iter(self._replies.items()))
-            if now - reply.since < self.ttl:
-                return
-            self._release(seq)
+        for replies, ttl in ((self._replies, self.ttl), (self._last_replies, LAST_REPLY_TTL)):
+            while replies:
+                seq, reply = next(iter(replies.items()))
+                if now - reply.since < ttl:
+                    break
+                self._release(seq)

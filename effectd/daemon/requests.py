@@ -322,10 +322,10 @@ class RequestHandlers:
         # Flow control: replies not yet read by their clients are bounded in total (flow.py).
         allowed = self.credits.grant(ident, min(a["max_bytes"], max(0, size - a["offset"])) or 1)
         data = self.d.outputs.read(a["id"], a["stream"], a["offset"], allowed)
-        self.credits.charge(ident, len(data))
         next_offset = a["offset"] + len(data)
         if data:  # the file grew between the two reads: the bytes returned are part of it
             size = max(size, next_offset)
+        self.credits.charge(ident, len(data), last=final and next_offset >= size)
         # An offset past the end reads nothing and must not be reported as the stream's size.
         return {"id": a["id"], "stream": a["stream"], "offset": a["offset"], "data": data,
                 "next_offset": next_offset, "size": size, "state": state.value,

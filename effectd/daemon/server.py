@@ -228,7 +228,9 @@ class Daemon:
         self.handlers.credits.turn_flushed()
         for sock, frames, _ in outbox:
             try:
-                sock.send_multipart(frames, zmq.NOBLOCK)
+                # copy=False: large replies (read_output data) are handed to libzmq without a
+                # second copy; small frames are copied anyway (pyzmq's copy_threshold).
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
             except zmq.ZMQError as exc:
                 # A client that went away (EHOSTUNREACH) or a full link: never let it stop us.
                 log.debug("send dropped: %s", exc)
