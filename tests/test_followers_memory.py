@@ -66,7 +66,7 @@ class PeakRss:
 
     @property
     def growth(self) -> int:
-        return self.peak - self.start
+        return int(self.peak - self.start)
 
 
 @pytest.fixture

@@ -135,10 +135,12 @@ enough for replies within the documented budget, far too little for a 1 GB reply
 
 
 def _limit_address_space(pid: int, headroom: int) -> int:
+    """Soft RLIMIT_AS = current size + ``headroom`` (inherited by the workers it spawns from now
+    on); the hard limit is left alone so that the test can move the soft one both ways."""
     proc = psutil.Process(pid)
     limit = proc.memory_info().vms + headroom
-    proc.rlimit(psutil.RLIMIT_AS, (limit, limit))  # inherited by the workers it spawns from now on
-    return limit
+    proc.rlimit(psutil.RLIMIT_AS, (limit, proc.rlimit(psutil.RLIMIT_AS)[1]))
+    return int(limit)
 
 
 def _raw_call(rq: RawReq, msg: dict[str, Any]) -> tuple[dict[str, Any] | None, int]:
@@ -203,6 +205,15 @@ def test_hostile_requests_under_a_memory_limit_get_bounded_replies(daemon_factor
         if sorted(listed) != sorted(ids):
             problems.append(f"Client.list returned {len(listed)} records for {len(ids)} effects")
         assert not problems, problems
+        # Squeezed to no headroom at all, a reply within the budget (3 records, 45 MiB) cannot be
+        # built: the daemon answers that it ran out of memory, and keeps running.
+        _limit_address_space(d.pid, 0)
+        reply, _ = _raw_call(rq, req("status", rid="oom", ids=ids[:3]))
+        assert d.proc.poll() is None, f"the daemon died:\n{d.log()}"
+        assert reply is not None, "no answer once squeezed"
+        if not reply["ok"]:  # (the allocator may still have had room: then it simply fits)
+            assert_error(reply, "internal", "out of memory", rid="oom")
+        _limit_address_space(d.pid, HEADROOM)
         # The daemon and a worker started under the limit still work.
         eid = ok(rq.call(req("submit", rid="s", effect={"kind": "shell", "command": "echo ok"})))["id"]
         assert wait_final(rq, eid)["state"] == "succeeded"
