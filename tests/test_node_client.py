@@ -86,3 +86,18 @@ def test_node_client_streams_exactly(node: str, daemon: Any) -> None:
     assert result["lossy_bytes"] == len("".join(f"{i}\n" for i in range(1, 3000001)))
     assert result["lossy_live_bytes"] + result["lossy_store_bytes"] == result["lossy_bytes"]
     assert result["error_code"] == "not_found"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_node_followers_retry_busy_reads(node: str, daemon_factory: Any) -> None:
+    """20 Node followers while the daemon's read budget is tiny: reads are answered ``busy``
+    (protocol.md §5.9) and the client retries them transparently; every follower is exact."""
+    d = daemon_factory("--kill-grace", "1", env={"EFFECTD_READ_INFLIGHT": str(512 * 1024)})
+    proc = subprocess.run([node, str(NODE_CLIENT / "test" / "busy_test.js"), "20", "4000000"], cwd=REPO,
+                          env=d.env, capture_output=True, text=True, timeout=170)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    context = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}\ndaemon log:\n{d.log()}"
+    assert lines and json.loads(lines[-1]).get("ok") is True, context
+    with d.client() as c:
+        assert c.hello()["read_busy"] > 0, "no read was answered busy: the test did not test busy"

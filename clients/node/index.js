@@ -39,7 +39,8 @@ const IDLE_MS = 1000; // §9 step 5
 const FORCED_CHECK_MS = 5000; // see stream(): store check even if messages keep arriving
 
 /** Error codes that the daemon's documentation (§3.3) says are worth retrying later. */
-const RETRYABLE = new Set(["unavailable", "queue_full", "disk_full", "too_many_waits", "journal_lost"]);
+const RETRYABLE = new Set(["unavailable", "queue_full", "disk_full", "too_many_waits", "journal_lost", "busy"]);
+const BUSY_GIVE_UP_MS = 60_000; // retry a read_output answered `busy` this long (§5.9)
 
 /**
  * An error reported by the daemon (`code` is the protocol's `error.code`, §3.3) or a local
@@ -689,8 +690,20 @@ export class EffectdClient {
    */
   async readOutput(id, stream, offset = 0, maxBytes = undefined) {
     await this._require("read_output", "readOutput");
-    const { v, rid, ok, ...rest } = await this.request("read_output", { id, stream, offset, max_bytes: maxBytes });
-    return /** @type {any} */ ({ ...rest, data: toBuffer(rest.data) });
+    // `busy` (§5.9): the daemon's read budget is held by replies other readers have not read
+    // yet; retry after 10 ms doubling to 250 ms, with jitter, for up to BUSY_GIVE_UP_MS.
+    let delay = 10;
+    const giveUp = Date.now() + BUSY_GIVE_UP_MS;
+    for (;;) {
+      try {
+        const { v, rid, ok, ...rest } = await this.request("read_output", { id, stream, offset, max_bytes: maxBytes });
+        return /** @type {any} */ ({ ...rest, data: toBuffer(rest.data) });
+      } catch (err) {
+        if (!(err instanceof EffectdError) || err.code !== "busy" || Date.now() >= giveUp) throw err;
+      }
+      await new Promise((resolve) => setTimeout(resolve, delay * (0.5 + Math.random() / 2)));
+      delay = Math.min(delay * 2, 250);
+    }
   }
 
   /**

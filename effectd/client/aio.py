@@ -46,14 +46,21 @@ import zmq
 import zmq.asyncio
 
 from effectd.client import autostart
-from effectd.client.follow import FINISHED, IDLE_CHECK, SUBSCRIBED_WAIT, Follower, parse_frame
+from effectd.client.follow import (
+    FINISHED,
+    IDLE_CHECK,
+    SUBSCRIBED_WAIT,
+    Follower,
+    busy_backoff,
+    parse_frame,
+)
 from effectd.client.records import Chunk, EffectRecord, OutputSlice
 from effectd.client.spec import python_spec, shell_spec, sleep_spec
 from effectd.client.sync import DEFAULT_RETRIES, DEFAULT_TIMEOUT, WAIT_SLICE
 from effectd.client.transport import batch_reply_timeout
 from effectd.ipc import codec
 from effectd.ipc.endpoints import Endpoints, check_topic, runtime_dir, state_dir, stream_hwm
-from effectd.ipc.errors import DaemonUnavailable, EffectdError, TooLarge, UnsafeDirectory, error_from_wire
+from effectd.ipc.errors import Busy, DaemonUnavailable, EffectdError, TooLarge, UnsafeDirectory, error_from_wire
 from effectd.ipc.schema import EffectState, build_request
 
 log = logging.getLogger("effectd.client.aio")
@@ -360,10 +367,15 @@ class AsyncClient:
     async def list(self, *, states: Sequence[str] | None = None,
                    labels: Mapping[str, str] | None = None, name: str | None = None,
                    limit: int = 100, before: str | None = None) -> builtins.list[EffectRecord]:
-        reply = await self.call("list", states=list(states) if states else None,
-                                labels=dict(labels) if labels else None, name=name, limit=limit,
-                                before=before)
-        return [EffectRecord.from_wire(r) for r in reply["effects"]]
+        out: builtins.list[EffectRecord] = []
+        while True:  # a page the daemon cut at its reply limit ("truncated") continues from its last id
+            reply = await self.call("list", states=list(states) if states else None,
+                                    labels=dict(labels) if labels else None, name=name,
+                                    limit=limit - len(out), before=before)
+            out += [EffectRecord.from_wire(r) for r in reply["effects"]]
+            if not reply.get("truncated") or not reply["effects"] or len(out) >= limit:
+                return out
+            before = out[-1].id
 
     async def _wait(self, ids: builtins.list[str], timeout: float | None,
                     first: bool) -> tuple[builtins.list[EffectRecord], bool]:
@@ -418,8 +430,19 @@ class AsyncClient:
 
     async def read_output(self, effect_id: str, stream: str = "stdout", offset: int = 0,
                           max_bytes: int | None = None) -> OutputSlice:
-        r = await self.call("read_output", id=effect_id, stream=stream, offset=offset,
-                            max_bytes=max_bytes)
+        """Stored bytes from ``offset`` (possibly fewer than ``max_bytes``); a ``busy`` answer
+        (the daemon's read budget is in use by other readers) is retried after a short backoff."""
+        delays = busy_backoff()
+        while True:
+            try:
+                r = await self.call("read_output", id=effect_id, stream=stream, offset=offset,
+                                    max_bytes=max_bytes)
+                break
+            except Busy:
+                delay = next(delays, None)
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
         return OutputSlice(r["id"], r["stream"], r["offset"], bytes(r["data"]), r["next_offset"],
                            r["size"], EffectState(r["state"]), bool(r["eof"]))
 

@@ -9,7 +9,8 @@ the zguide's Clone pattern with the output files as the snapshot (see docs/proto
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import random
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,9 +22,25 @@ from effectd.ipc.schema import MAX_READ_BYTES, OUTPUT_STREAMS
 FINISHED: Literal["finished"] = "finished"
 SUBSCRIBED_WAIT = 2.0
 """Seconds to wait for the daemon's 'subscribed' event before reading the store anyway."""
+BUSY_GIVE_UP = 60.0
+"""Seconds a ``read_output`` answered ``busy`` is retried before the error is raised (the daemon
+frees its read budget within 2 s even if the readers holding it vanished)."""
 IDLE_CHECK = 0.25
 """A follower in which no stream advanced for this long checks the store (covers a dropped
 'finished' event, even while unrelated messages keep arriving)."""
+
+
+def busy_backoff() -> Iterator[float]:
+    """Delays between retries of a ``read_output`` answered ``busy`` (protocol.md §5.9): 10 ms,
+    doubling to 250 ms, with jitter so that many readers do not retry in step; ends after
+    BUSY_GIVE_UP seconds."""
+    delay = 0.01
+    spent = 0.0
+    while spent < BUSY_GIVE_UP:
+        pause = delay * random.uniform(0.5, 1.0)
+        spent += pause
+        yield pause
+        delay = min(delay * 2, 0.25)
 
 
 def parse_frame(frames: list[bytes]) -> Chunk | Literal["finished"] | None:

@@ -14,8 +14,19 @@ from typing import TYPE_CHECKING, Any
 
 from effectd import __version__
 from effectd.daemon.core import Effect
+from effectd.daemon.flow import ReadCredits, total_inflight
 from effectd.daemon.intake import INLINE_BATCH
-from effectd.ipc.errors import InvalidState, NotFound, QueueFull, RequestKeyGone, TooManyWaits, Unavailable
+from effectd.ipc import codec
+from effectd.ipc.codec import PackedArray
+from effectd.ipc.errors import (
+    InvalidState,
+    NotFound,
+    QueueFull,
+    RequestKeyGone,
+    TooLarge,
+    TooManyWaits,
+    Unavailable,
+)
 from effectd.ipc.schema import (
     CAPABILITIES,
     FINAL_STATES,
@@ -47,12 +58,8 @@ class Waiter:
         return len(self.pending) < len(set(self.ids)) if self.first else not self.pending
 
 
-def _without_env(rec: dict[str, Any]) -> dict[str, Any]:
-    spec = rec.get("spec")
-    if isinstance(spec, dict) and "env" in spec:
-        rec = {**rec, "spec": {k: v for k, v in spec.items() if k != "env"}}
-    return rec
-
+RECORDS_BUDGET = codec.MAX_REPLY_BYTES - 1024 * 1024
+"""Encoded records per reply; the rest of the limit is for the envelope and ``done`` (10 000 ids)."""
 
 RESULT_FIELDS = ("id", "state", "reason", "exit_code", "signal", "result", "error", "attempt",
                  "sizes", "truncated", "leaked_processes")
@@ -62,10 +69,13 @@ class RequestHandlers:
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
         self.waiters_by_effect: dict[str, list[Waiter]] = {}
+        """Every id of every parked wait (not only pending ones: gc deletes final effects)."""
         self.ready_waiters: list[Waiter] = []
+        self.credits = ReadCredits(total_inflight())
 
     def dispatch(self, ident: bytes, req: Request) -> dict[str, Any] | None:
         """Reply fields, or None when the request was parked (wait)."""
+        self.credits.request_from(ident)
         method = getattr(self, f"op_{req.op}")
         return method(ident, req)  # type: ignore[no-any-return]
 
@@ -80,22 +90,51 @@ class RequestHandlers:
             return rec
         return self.d.journal.get(effect_id)
 
-    def records(self, ids: list[str]) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        missing: list[str] = []
-        for eid in ids:
-            rec = self.record(eid)
-            if rec is None:
-                missing.append(eid)
-            else:
-                out.append(rec)
+    def packed_records(self, ids: list[str]) -> tuple[PackedArray, list[str]]:
+        """The records of the distinct ``ids`` (first occurrence order), each encoded once within
+        the reply budget, and the ids among them that are final. Raises NotFound / TooLarge.
+
+        Naming one id a thousand times costs one record; many large records cost at most the
+        budget before the request is refused, never a reply the size of their sum."""
+        distinct = list(dict.fromkeys(ids))
+        self.check_exist(distinct)
+        out = PackedArray()
+        done: list[str] = []
+        size = 0
+        for eid in distinct:
+            state, item = self.packed_record(eid)
+            size += len(item)
+            if size > RECORDS_BUDGET:
+                raise TooLarge(f"the records of these {len(distinct)} effects exceed the reply limit of "
+                               f"{codec.MAX_REPLY_BYTES} bytes after {len(out)} of them; ask for fewer ids")
+            out.append(item)
+            if state in FINAL_STATES:
+                done.append(eid)
+        return out, done
+
+    def packed_record(self, effect_id: str) -> tuple[EffectState, bytes]:
+        """One record, encoded: live effects from memory, the others as the journal stores them
+        (already msgpack: neither decoded nor encoded again)."""
+        eff = self.d.sched.effects.get(effect_id)
+        if eff is not None:
+            return eff.state, codec.pack(self.record(effect_id))
+        stored = self.d.journal.get_packed(effect_id)
+        if stored is None:
+            raise NotFound(f"no effect with id {effect_id}")
+        return EffectState(stored[0]), stored[1]
+
+    def check_exist(self, ids: list[str]) -> None:
+        """NotFound naming (up to 10 of) the ids no effect has; loads no record."""
+        missing = [eid for eid in dict.fromkeys(ids) if self.state_of(eid) is None]
         if missing:
             raise NotFound(f"no effect with id {', '.join(missing[:10])}")
-        return out
 
     def state_of(self, effect_id: str) -> EffectState | None:
-        rec = self.record(effect_id)
-        return None if rec is None else EffectState(rec["state"])
+        eff = self.d.sched.effects.get(effect_id)
+        if eff is not None:
+            return eff.state
+        state = self.d.journal.state(effect_id)
+        return None if state is None else EffectState(state)
 
     # ---- ops ------------------------------------------------------------------------------
 
@@ -122,6 +161,8 @@ class RequestHandlers:
             "spawn_backoff": max(0.0, d.spawn_not_before - time.monotonic()),
             "draining": d.draining,
             "loop": {"worst_turn": round(d.worst_turn, 4), "deaf_seconds": round(d.hearing.deaf_total, 3)},
+            "read_inflight": self.credits.inflight,
+            "read_busy": self.credits.busy_answers,
             "managed_by": d.managed_by,
             "runtime_dir": str(d.config.runtime_dir),
             "state_dir": str(d.config.state_dir),
@@ -188,28 +229,41 @@ class RequestHandlers:
         return {"ids": self._submit(checked, req.args["request_key"])}
 
     def op_status(self, ident: bytes, req: Request) -> dict[str, Any]:
-        return {"effects": self.records(req.args["ids"])}
+        return {"effects": self.packed_records(req.args["ids"])[0]}
 
     def op_list(self, ident: bytes, req: Request) -> dict[str, Any]:
+        """A page ends at ``limit`` records or at the reply budget (``truncated``), whichever
+        comes first; the client continues with ``before`` = the last id it got."""
         a = req.args
-        recs = self.d.journal.list(states=a["states"], labels=a["labels"], name=a["name"],
-                                   limit=a["limit"], before=a["before"])
-        return {"effects": [self.record(r["id"]) or r for r in recs]}
+        out = PackedArray()
+        size = 0
+        truncated = False
+        for eid, item in self.d.journal.list_packed(states=a["states"], labels=a["labels"], name=a["name"],
+                                                    limit=a["limit"], before=a["before"]):
+            if eid in self.d.sched.effects:  # live: memory is ahead of the journal
+                item = codec.pack(self.record(eid))
+            size += len(item)
+            if size > RECORDS_BUDGET:
+                if not out:
+                    raise TooLarge(f"effect {eid}'s record exceeds the reply limit of "
+                                   f"{codec.MAX_REPLY_BYTES} bytes")
+                truncated = True
+                break
+            out.append(item)
+        return {"effects": out, "truncated": truncated}
 
     def _wait_done(self, ids: list[str], first: bool) -> bool:
         finals = [self.state_of(i) in FINAL_STATES for i in ids]
         return any(finals) if first else all(finals)
 
     def wait_reply(self, ids: list[str], timed_out: bool) -> dict[str, Any]:
-        # Without the submitter's environment: a wait on N effects answers N records each time
-        # one finishes, and the environment is most of a shell effect's record.
-        recs = [_without_env(r) for r in self.records(ids)]
-        done = [r["id"] for r in recs if EffectState(r["state"]) in FINAL_STATES]
+        # The same records as status/list (protocol.md §7.1); the reply budget bounds their size.
+        recs, done = self.packed_records(ids)
         return {"effects": recs, "done": done, "timed_out": timed_out}
 
     def op_wait(self, ident: bytes, req: Request) -> dict[str, Any] | None:
-        ids = req.args["ids"]
-        self.records(ids)  # NotFound before parking
+        ids = list(dict.fromkeys(req.args["ids"]))
+        self.check_exist(ids)  # NotFound before parking
         first = req.args["return_when"] == "first"
         if self._wait_done(ids, first) or req.args["timeout"] == 0:
             return self.wait_reply(ids, timed_out=not self._wait_done(ids, first))
@@ -218,16 +272,23 @@ class RequestHandlers:
         pending = {i for i in ids if self.state_of(i) not in FINAL_STATES}
         waiter = Waiter(ident, req.id, ids, first, time.monotonic() + req.args["timeout"], pending)
         self.d.waiters.append(waiter)
-        for eid in pending:
+        for eid in set(ids):
             self.waiters_by_effect.setdefault(eid, []).append(waiter)
         return None
 
     def effect_final(self, effect_id: str) -> None:
         """Called when an effect's final state is journaled: wakes only the waits on it."""
-        for waiter in self.waiters_by_effect.pop(effect_id, ()):
-            waiter.pending.discard(effect_id)
-            if waiter.satisfied:
-                self.ready_waiters.append(waiter)
+        for waiter in self.waiters_by_effect.get(effect_id, ()):
+            if effect_id in waiter.pending:
+                waiter.pending.discard(effect_id)
+                if waiter.satisfied:
+                    self.ready_waiters.append(waiter)
+
+    def effects_deleted(self, ids: list[str]) -> None:
+        """Called when gc deleted effects: waits naming one are answered now (``not_found``),
+        not at their deadline."""
+        for effect_id in ids:
+            self.ready_waiters.extend(self.waiters_by_effect.get(effect_id, ()))
 
     def resolve_waiters(self, now: float) -> None:
         """Answer waits whose effects became final, and those whose deadline passed. Work per
@@ -242,7 +303,7 @@ class RequestHandlers:
         self.d.waiters = [w for w in self.d.waiters if id(w) not in gone]
         self.ready_waiters = []
         for w in due:
-            for eid in w.pending:
+            for eid in set(w.ids):
                 lst = self.waiters_by_effect.get(eid)
                 if lst is not None:
                     lst[:] = [x for x in lst if x is not w]
@@ -257,14 +318,16 @@ class RequestHandlers:
         return min((w.deadline for w in self.d.waiters), default=float("inf"))
 
     def op_result(self, ident: bytes, req: Request) -> dict[str, Any]:
-        rec = self.records([req.args["id"]])[0]
+        rec = self.record(req.args["id"])
+        if rec is None:
+            raise NotFound(f"no effect with id {req.args['id']}")
         if EffectState(rec["state"]) not in FINAL_STATES:
             raise InvalidState(f"effect {rec['id']} is {rec['state']}; its result is not known yet")
         return {k: rec.get(k) for k in RESULT_FIELDS}
 
     def op_cancel(self, ident: bytes, req: Request) -> dict[str, Any]:
         d = self.d
-        self.records(req.args["ids"])
+        self.check_exist(req.args["ids"])
         reason = req.args["reason"] or "cancelled"
         results = []
         for eid in req.args["ids"]:
@@ -278,16 +341,24 @@ class RequestHandlers:
 
     def op_read_output(self, ident: bytes, req: Request) -> dict[str, Any]:
         a = req.args
-        rec = self.records([a["id"]])[0]
-        final = EffectState(rec["state"]) in FINAL_STATES
+        state = self.state_of(a["id"])
+        if state is None:
+            raise NotFound(f"no effect with id {a['id']}")
+        final = state in FINAL_STATES
         # Size first, then data: with the worker appending concurrently, data may extend past
         # the size we report but never the other way round.
         size = self.d.outputs.size(a["id"], a["stream"])
-        data = self.d.outputs.read(a["id"], a["stream"], a["offset"], a["max_bytes"])
+        # Flow control: replies not yet read by their clients are bounded in total (flow.py).
+        allowed = self.credits.grant(ident, min(a["max_bytes"], max(0, size - a["offset"])) or 1)
+        data = self.d.outputs.read(a["id"], a["stream"], a["offset"], allowed)
         next_offset = a["offset"] + len(data)
+        if data:  # the file grew between the two reads: the bytes returned are part of it
+            size = max(size, next_offset)
+        self.credits.charge(ident, len(data), last=final and next_offset >= size)
+        # An offset past the end reads nothing and must not be reported as the stream's size.
         return {"id": a["id"], "stream": a["stream"], "offset": a["offset"], "data": data,
-                "next_offset": next_offset, "size": max(size, next_offset), "state": rec["state"],
-                "final": final, "eof": final and next_offset >= max(size, next_offset)}
+                "next_offset": next_offset, "size": size, "state": state.value,
+                "final": final, "eof": final and next_offset >= size}
 
     def op_group_set(self, ident: bytes, req: Request) -> dict[str, Any]:
         name, parallel = req.args["name"], req.args["parallel"]

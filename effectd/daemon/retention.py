@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,8 @@ class Retention:
     retain_count: int = DEFAULT_RETAIN_COUNT
     retain_bytes: int = DEFAULT_RETAIN_BYTES
     last_run: float = 0.0
+    on_deleted: Callable[[list[str]], None] | None = None
+    """Told the ids of deleted effects once their deletion is staged (parked waits wake)."""
 
     @property
     def key_window_days(self) -> float:
@@ -70,6 +73,8 @@ class Retention:
         for start in range(0, len(doomed), 500):
             self.journal.delete_effects(doomed[start:start + 500])
         self.journal.prune_request_keys(time.time() - self.key_window_days * 86400)
+        if doomed and self.on_deleted is not None:
+            self.on_deleted(doomed)
         if doomed:
             log.info("gc removed %d effects, freed %d output bytes", len(doomed), freed)
         return {"removed": len(doomed), "freed_bytes": freed, "kept": kept, "kept_bytes": kept_bytes}

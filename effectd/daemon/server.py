@@ -48,6 +48,7 @@ from effectd.ipc.errors import (
     EffectdError,
     InternalError,
     JournalLost,
+    TooLarge,
     Unavailable,
     UnsafeDirectory,
 )
@@ -180,7 +181,8 @@ class Daemon:
         self.outputs = OutputStore(self.config.outputs_dir)
         cfg = self.config
         self.retention = Retention(self.journal, self.outputs, cfg.retain_days, cfg.retain_count,
-                                   cfg.retain_bytes, last_run=time.monotonic())
+                                   cfg.retain_bytes, last_run=time.monotonic(),
+                                   on_deleted=self.handlers.effects_deleted)
         forget_interrupted(self)
         groups = self.journal.get_meta("group_limits") or {}
         self.sched.group_limits.update(groups)
@@ -288,11 +290,21 @@ class Daemon:
         """Queue a reply. ``durable`` replies (to mutating requests, and waits reporting final
         states) are replaced by ``disk_full`` if the batch fails to commit; read-only replies
         are sent regardless, so a daemon on a full disk still answers hello/status/list."""
+        failure: EffectdError | None = None
         try:
             body = codec.pack(ok_reply(request_id, **fields))
         except (ValueError, TypeError, OverflowError) as exc:  # e.g. msgpack's recursion limit
             log.error("reply to %r could not be encoded: %s", request_id, exc)
-            self.reply_error(ident, request_id, InternalError(f"reply could not be encoded: {exc}"))
+            failure = InternalError(f"reply could not be encoded: {exc}")
+        except MemoryError:
+            # Answered after the except block, once the partial encoding is freed.
+            failure = InternalError("the daemon ran out of memory encoding the reply; ask for less")
+        if failure is None and len(body) > codec.MAX_REPLY_BYTES:  # the last line of defence
+            failure = TooLarge(f"the reply would be {len(body)} bytes, over the limit of "
+                               f"{codec.MAX_REPLY_BYTES}; ask for less")
+        if failure is not None:
+            body = b""
+            self.reply_error(ident, request_id, failure)
             return
         self.queue_send(self.control, [ident, b"", body], durable)
 
@@ -333,9 +345,12 @@ class Daemon:
                 self.outputs.mark_final(eid)
         self.final_markers = []
         outbox, self.outbox = self.outbox, []
+        self.handlers.credits.turn_flushed()
         for sock, frames, _ in outbox:
             try:
-                sock.send_multipart(frames, zmq.NOBLOCK)
+                # copy=False: large replies (read_output data) are handed to libzmq without a
+                # second copy; small frames are copied anyway (pyzmq's copy_threshold).
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
             except zmq.ZMQError as exc:
                 # A client that went away (EHOSTUNREACH) or a full link: never let it stop us.
                 log.debug("send dropped: %s", exc)
@@ -436,16 +451,23 @@ class Daemon:
         # A savepoint per request: a request that fails half-way undoes only its own writes,
         # never those of other requests in the same batch whose replies are already queued.
         self.journal.savepoint()
+        failure: EffectdError | None = None
         try:
             fields = self.handlers.dispatch(ident, req)
         except EffectdError as exc:
-            self.journal.rollback_to_savepoint()
-            self.reply_error(ident, req.id, exc)
-            return
+            failure = exc
+        except MemoryError:
+            # Answered after the except block: the traceback holds what filled the memory, and
+            # one request must never end the loop.
+            failure = InternalError(f"the daemon ran out of memory handling {req.op}; ask for less")
         except Exception as exc:
             log.exception("request %s failed", req.op)
+            failure = InternalError(f"{type(exc).__name__}: {exc}")
+        if failure is not None:
+            if failure.code == "internal":
+                log.error("request %s (rid %r) failed: %s", req.op, req.id, failure.message)
             self.journal.rollback_to_savepoint()
-            self.reply_error(ident, req.id, InternalError(f"{type(exc).__name__}: {exc}"))
+            self.reply_error(ident, req.id, failure)
             return
         self.journal.release_savepoint()
         if fields is not None:

@@ -10,7 +10,7 @@ error reply and the client turns the reply back into the same exception:
 * :class:`InvalidState` - the effect exists but is not in a state that allows the operation.
 * :class:`Unavailable` - the daemon cannot take the request now; retry later
   (``unavailable`` while draining, ``queue_full``, ``disk_full``, ``too_many_waits``,
-  ``journal_lost``).
+  ``journal_lost``, ``busy``).
   :class:`DaemonUnavailable` is its client-side leaf: no daemon answered at all.
 * :class:`InternalError` - a bug in effectd; report it.
 """
@@ -116,6 +116,13 @@ class TooManyWaits(Unavailable):
     code = "too_many_waits"
 
 
+class Busy(Unavailable):
+    """Too many ``read_output`` bytes are sent and not yet read by their clients; retry after a
+    short backoff (the reference clients do so transparently)."""
+
+    code = "busy"
+
+
 class DaemonUnavailable(Unavailable):
     """No daemon answered (not running, not startable, or not replying within the timeout)."""
 
@@ -150,6 +157,7 @@ _BY_CODE: dict[str, type[EffectdError]] = {
         DiskFull,
         JournalLost,
         TooManyWaits,
+        Busy,
         InternalError,
     )
 }

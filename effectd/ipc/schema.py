@@ -285,6 +285,23 @@ _EFFECT_FIELD_NAMES = {f.name for f in EFFECT_FIELDS}
 RLIMIT_NAMES = ("as", "cpu", "nofile")
 
 
+def _check_exec_strings(out: Mapping[str, Any], where: str) -> None:
+    """Refuse, at submit, strings that execve/chdir cannot take: they would be journaled and only
+    fail later as ``spawn_failed``. C strings end at NUL; an environment entry is ``KEY=VALUE``, so
+    a key cannot be empty or contain ``=``."""
+    for name in ("command", "cwd"):
+        if out[name] is not None and "\0" in out[name]:
+            raise BadRequest(f"{where}{name}: must not contain a NUL character")
+    for i, arg in enumerate(out["argv"] or ()):
+        if "\0" in arg:
+            raise BadRequest(f"{where}argv[{i}]: must not contain a NUL character")
+    for key, value in (out["env"] or {}).items():
+        if not key or "=" in key or "\0" in key:
+            raise BadRequest(f"{where}env: key {key[:64]!r} must be non-empty, without '=' or NUL")
+        if "\0" in value:
+            raise BadRequest(f"{where}env.{key}: must not contain a NUL character")
+
+
 def check_effect_spec(spec: Any, where: str = "effect.") -> dict[str, Any]:
     """Validate one effect specification, including the rules that tie fields to its kind."""
     if not isinstance(spec, dict):
@@ -311,6 +328,7 @@ def check_effect_spec(spec: Any, where: str = "effect.") -> dict[str, Any]:
             raise BadRequest(f'{where}target: must look like "package.module:function"')
     if kind == "sleep" and out["seconds"] is None:
         raise BadRequest(f"{where}seconds: required for kind sleep")
+    _check_exec_strings(out, where)
     if out["rlimits"]:
         for key in out["rlimits"]:
             if key not in RLIMIT_NAMES:

@@ -394,6 +394,16 @@ class Journal:
         row = self._db.execute("SELECT record FROM effects WHERE id = ?", (effect_id,)).fetchone()
         return None if row is None else dict(_unpack(row[0]))
 
+    def get_packed(self, effect_id: str) -> tuple[str, bytes] | None:
+        """``(state, encoded record)``: the stored bytes are the record's msgpack encoding."""
+        row = self._db.execute("SELECT state, record FROM effects WHERE id = ?", (effect_id,)).fetchone()
+        return None if row is None else (str(row[0]), bytes(row[1]))
+
+    def state(self, effect_id: str) -> str | None:
+        """The stored state alone (no record decoded)."""
+        row = self._db.execute("SELECT state FROM effects WHERE id = ?", (effect_id,)).fetchone()
+        return None if row is None else str(row[0])
+
     def ids_for_request_key(self, key: str) -> list[str] | None:
         row = self._db.execute("SELECT ids FROM request_keys WHERE key = ?", (key,)).fetchone()
         return None if row is None else list(_unpack(row[0]))
@@ -405,9 +415,12 @@ class Journal:
         ).fetchall()
         return [dict(_unpack(r[0])) for r in rows]
 
-    def list(self, *, states: list[str] | None = None, labels: Mapping[str, str] | None = None,
-             name: str | None = None, limit: int = 100, before: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT record FROM effects e WHERE 1=1"
+    def list_packed(self, *, states: list[str] | None = None, labels: Mapping[str, str] | None = None,
+                    name: str | None = None, limit: int = 100,
+                    before: str | None = None) -> Iterator[tuple[str, bytes]]:
+        """``(id, encoded record)`` of matching effects, newest first, one row at a time (the
+        caller may stop early; records are not decoded)."""
+        sql = "SELECT id, record FROM effects e WHERE 1=1"
         params: list[Any] = []
         if states:
             sql += f" AND state IN ({','.join('?' * len(states))})"
@@ -423,7 +436,8 @@ class Journal:
             params.extend((key, value))
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(limit)
-        return [dict(_unpack(r[0])) for r in self._db.execute(sql, params).fetchall()]
+        for eid, blob in self._db.execute(sql, params):
+            yield eid, bytes(blob)
 
     def iter_final_newest_first(self) -> Iterator[dict[str, Any]]:
         rows = self._db.execute(
