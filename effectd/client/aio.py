@@ -47,19 +47,7 @@ import zmq
 import zmq.asyncio
 
 from effectd.client import autostart, core
-from effectd.client.core import (
-    DEFAULT_RETRIES,
-    DEFAULT_TIMEOUT,
-    PROBE_TIMEOUT,
-    WAIT_SLICE,
-    Call,
-    Emit,
-    Machine,
-    Ops,
-    Poll,
-    Sleep,
-    Step,
-)
+from effectd.client.core import DEFAULT_RETRIES, DEFAULT_TIMEOUT, PROBE_TIMEOUT, WAIT_SLICE, Machine, Ops, Step
 from effectd.client.follow import Follower, follow
 from effectd.client.records import Chunk, EffectRecord, OutputSlice
 from effectd.client.spec import python_spec, shell_spec, sleep_spec
@@ -327,7 +315,7 @@ class AsyncClient:
         """Perform the steps of one core operation; yield what it emits."""
         try:
             while (step := m.next()) is not None:
-                if isinstance(step, Emit):
+                if isinstance(step, core.Emit):
                     yield step.item
                     continue
                 with m.outcome():
@@ -336,18 +324,18 @@ class AsyncClient:
             m.close()
 
     async def _perform(self, step: Step, sub: _Subscription | None) -> Any:
-        if isinstance(step, Call):
+        if isinstance(step, core.Call):
             timeout = step.attempt_timeout(self.timeout)
             if step.direct:
                 msg = build_request(step.op, self._next_rid(), **step.args)
                 return await self._roundtrip(msg, timeout=timeout, retries=step.retries)
             return await self.request(step.op, step.args, reply_timeout=timeout)
-        if isinstance(step, Sleep):
+        if isinstance(step, core.Sleep):
             await asyncio.sleep(step.seconds)
             return None
         if sub is None:
             raise TypeError(f"{step!r} outside a stream")
-        if isinstance(step, Poll):
+        if isinstance(step, core.Poll):
             return await sub.poll(step.timeout)
         return sub.recv()
 

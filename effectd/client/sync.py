@@ -18,18 +18,7 @@ import msgpack
 import zmq
 
 from effectd.client import autostart, core
-from effectd.client.core import (
-    DEFAULT_RETRIES,
-    DEFAULT_TIMEOUT,
-    WAIT_SLICE,
-    Call,
-    Emit,
-    Machine,
-    Ops,
-    Poll,
-    Sleep,
-    Step,
-)
+from effectd.client.core import DEFAULT_RETRIES, DEFAULT_TIMEOUT, WAIT_SLICE, Machine, Ops, Step
 from effectd.client.follow import Follower, follow
 from effectd.client.records import Chunk, EffectRecord, OutputSlice
 from effectd.client.spec import python_spec, shell_spec, sleep_spec
@@ -121,7 +110,7 @@ class Client:
         """Perform the steps of one core operation; yield what it emits."""
         try:
             while (step := m.next()) is not None:
-                if isinstance(step, Emit):
+                if isinstance(step, core.Emit):
                     yield step.item
                     continue
                 with m.outcome():
@@ -130,18 +119,18 @@ class Client:
             m.close()
 
     def _perform(self, step: Step, sub: zmq.Socket[bytes] | None) -> Any:
-        if isinstance(step, Call):
+        if isinstance(step, core.Call):
             timeout = step.attempt_timeout(self.channel.timeout)
             if step.direct:
                 msg = build_request(step.op, self.channel.next_rid(), **step.args)
                 return self.channel.call(msg, timeout=timeout, retries=step.retries)
             return self.call(step.op, reply_timeout=timeout, **step.args)
-        if isinstance(step, Sleep):
+        if isinstance(step, core.Sleep):
             time.sleep(step.seconds)
             return None
         if sub is None:
             raise TypeError(f"{step!r} outside a stream")
-        if isinstance(step, Poll):
+        if isinstance(step, core.Poll):
             return bool(sub.poll(int(step.timeout * 1000), zmq.POLLIN))
         return sub.recv_multipart()
 
