@@ -105,8 +105,6 @@ class AsyncClient:
         self._prefix = f"{os.getpid()}-{os.urandom(3).hex()}a-"
         self.reconnects = 0
         """How many times the control socket was reopened (Lazy Pirate), for diagnostics."""
-        self.last_follower: Follower | None = None
-        """The follower of the most recently ended stream (gap/duplicate counters, for tests)."""
 
     # ---- plumbing -------------------------------------------------------------------------
 
@@ -458,7 +456,6 @@ class AsyncClient:
                 async for chunk in chunks:
                     yield chunk
         finally:
-            self.last_follower = f
             subscription.close()
             self._subs.discard(sub)
             sub.close(linger=0)

@@ -242,7 +242,6 @@ class Client:
         try:
             yield from self._steps(Machine(follow(effect_id, f)), sub)
         finally:
-            self.last_follower = f
             sub.close(linger=0)
 
     def values(self, effect_id: str) -> Iterator[Any]:
