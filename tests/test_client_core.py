@@ -155,3 +155,20 @@ def test_return_when_is_checked_before_anything_is_sent() -> None:
     with pytest.raises(ValueError, match="return_when"):
         list(drive(core.wait_many(["e"], 1.0, "any"), fake))
     assert fake.steps == []
+
+
+def test_protocol_logic_lives_only_in_the_core() -> None:
+    # The drivers perform steps; decoding replies into records, error mapping, gap filling and
+    # frame parsing must not creep back into them (that is how the two clients drifted apart).
+    import ast
+    from pathlib import Path
+
+    import effectd.client
+
+    core_only = {"from_wire", "error_from_wire", "accept", "stored", "read_window", "apply_read", "finished",
+                 "parse_frame", "busy_backoff", "WAIT_SLICE"}
+    for name in ("sync.py", "aio.py"):
+        tree = ast.parse((Path(effectd.client.__file__).parent / name).read_text())
+        used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        used |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        assert not used & core_only, f"{name} uses {sorted(used & core_only)}"
