@@ -12,6 +12,7 @@ import pytest
 
 from effectd.client import EffectState
 from effectd.ipc.errors import NotFound
+from tests.client_followers import record_followers
 from tests.conftest import wait_until
 
 SEQ_200K = b"".join(b"%d\n" % i for i in range(1, 200_001))
@@ -39,13 +40,14 @@ def test_late_join_gets_every_line_once_and_followers_agree(client: Any) -> None
 
 
 @pytest.mark.timeout(90)
-def test_forced_drops_are_filled_exactly(daemon_factory: Any) -> None:
+def test_forced_drops_are_filled_exactly(daemon_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # A tiny high-water mark everywhere on the stream path, and a consumer slower than the
     # producer: PUB must drop, and the follower must fill every gap from the store.
     d = daemon_factory(env={"EFFECTD_STREAM_HWM": "2"})
     import os
 
     os.environ["EFFECTD_STREAM_HWM"] = "2"
+    followers = record_followers(monkeypatch)
     try:
         c = d.client()
         # 100 blocks of 64 KiB in ~1 s: far more than the kernel's socket buffers absorb.
@@ -61,7 +63,7 @@ def test_forced_drops_are_filled_exactly(daemon_factory: Any) -> None:
             # Be a consumer slower than the producer (load shaping, not synchronisation), so
             # the tiny queues overflow and PUB drops.
             time.sleep(0.05)
-        follower = c.last_follower
+        follower = followers[-1]
     finally:
         del os.environ["EFFECTD_STREAM_HWM"]
     expected = b"".join(bytes([65 + i % 26]) * 65535 + b"\n" for i in range(100))

@@ -18,9 +18,10 @@ once, streams, submits) over a single control connection:
   only forgets its future; the client stays usable. A cancelled ``wait`` stays parked in the
   daemon until its server-side timeout (at most :data:`WAIT_SLICE` seconds for waits without a
   timeout) and its late reply is dropped. A stream's SUB socket is closed in ``finally``.
-* **Exact streams.** :meth:`AsyncClient.stream` uses the same sans-I/O
-  :class:`~effectd.client.follow.Follower` as the sync client: subscribe, replay the store, go
-  live, fill gaps from the store, drop duplicates.
+* **One core.** Every operation (request building, reply decoding, wait slicing, busy backoff,
+  the exact-stream algorithm of ``follow.py``: subscribe, replay the store, go live, fill gaps
+  from the store, drop duplicates) is written once, without I/O, in ``core.py``; this module
+  only performs its steps with asyncio sockets, as ``sync.py`` does with blocking ones.
 
 A client is bound to the event loop it is first used in. Use it as ``async with AsyncClient()
 as c:`` or call :meth:`AsyncClient.aclose`.
@@ -39,33 +40,28 @@ import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 import zmq
 import zmq.asyncio
 
-from effectd.client import autostart
-from effectd.client.follow import (
-    FINISHED,
-    IDLE_CHECK,
-    SUBSCRIBED_WAIT,
-    Follower,
-    busy_backoff,
-    parse_frame,
-)
+from effectd.client import autostart, core
+from effectd.client.core import DEFAULT_RETRIES, DEFAULT_TIMEOUT, PROBE_TIMEOUT, WAIT_SLICE, Machine, Ops, Step
+from effectd.client.follow import Follower, follow
 from effectd.client.records import Chunk, EffectRecord, OutputSlice
 from effectd.client.spec import python_spec, shell_spec, sleep_spec
-from effectd.client.sync import DEFAULT_RETRIES, DEFAULT_TIMEOUT, WAIT_SLICE
-from effectd.client.transport import batch_reply_timeout
+from effectd.client.transport import check_reply
 from effectd.ipc import codec
 from effectd.ipc.endpoints import Endpoints, check_topic, runtime_dir, state_dir, stream_hwm
-from effectd.ipc.errors import Busy, DaemonUnavailable, EffectdError, TooLarge, UnsafeDirectory, error_from_wire
-from effectd.ipc.schema import EffectState, build_request
+from effectd.ipc.errors import DaemonUnavailable, EffectdError, TooLarge
+from effectd.ipc.schema import build_request
 
 log = logging.getLogger("effectd.client.aio")
 
-PROBE_TIMEOUT = 0.5
+__all__ = ["PROBE_TIMEOUT", "WAIT_SLICE", "AsyncClient"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -109,8 +105,6 @@ class AsyncClient:
         self._prefix = f"{os.getpid()}-{os.urandom(3).hex()}a-"
         self.reconnects = 0
         """How many times the control socket was reopened (Lazy Pirate), for diagnostics."""
-        self.last_follower: Follower | None = None
-        """The follower of the most recently ended stream (gap/duplicate counters, for tests)."""
 
     # ---- plumbing -------------------------------------------------------------------------
 
@@ -250,10 +244,7 @@ class AsyncClient:
             self._inflight.pop(rid, None)
             if not entry.future.done():
                 entry.future.cancel()
-        if reply.get("ok"):
-            return reply
-        err = reply.get("error") or {}
-        raise error_from_wire(str(err.get("code", "internal")), str(err.get("message", "")))
+        return check_reply(reply)
 
     def _use(self, runtime: Path) -> None:
         """Talk to the daemon whose runtime dir is ``runtime`` (``self.runtime`` stays as asked)."""
@@ -264,14 +255,7 @@ class AsyncClient:
 
     async def _probe(self, runtime: Path) -> bool:
         self._use(runtime)
-        try:
-            await self._roundtrip(build_request("hello", self._next_rid()), timeout=PROBE_TIMEOUT,
-                                  retries=0)
-            return True
-        except UnsafeDirectory:
-            raise
-        except DaemonUnavailable:
-            return False
+        return await self._run(core.probe())
 
     async def connect(self) -> None:
         """Make sure a daemon answers (starting one if allowed; the start runs in a thread)."""
@@ -282,11 +266,8 @@ class AsyncClient:
         async with self._connect_lock:
             if self._connected:
                 return
-            found = autostart.find_daemon(self.runtime, self.state)
+            found = autostart.locate(self.runtime, self.state, autostart=self._autostart)
             if found is None:
-                if not self._autostart:
-                    raise DaemonUnavailable(
-                        f"effectd is not running for {self.runtime} (autostart disabled)")
                 loop = asyncio.get_running_loop()
 
                 def probe(runtime: Path) -> bool:  # runs in the ensure_daemon thread
@@ -315,8 +296,7 @@ class AsyncClient:
         try:
             return await self._roundtrip(msg, timeout=reply_timeout)
         except DaemonUnavailable as exc:
-            if (self._closed or not self._autostart or isinstance(exc, UnsafeDirectory)
-                    or autostart.find_daemon(self.runtime, self.state) is not None):
+            if self._closed or not self._autostart or not autostart.went_away(exc, self.runtime, self.state):
                 raise
             self._connected = False  # the daemon went away: start another and retry once
             await self.connect()
@@ -327,23 +307,55 @@ class AsyncClient:
         """Send one request; ``reply_timeout`` bounds each attempt (Lazy Pirate)."""
         return await self.request(op, args, reply_timeout=reply_timeout)
 
+    # ---- driving the core -----------------------------------------------------------------
+
+    async def _steps(self, m: Machine[Any], sub: _Subscription | None = None) -> AsyncGenerator[Any, None]:
+        """Perform the steps of one core operation; yield what it emits."""
+        try:
+            while (step := m.next()) is not None:
+                if isinstance(step, core.Emit):
+                    yield step.item
+                    continue
+                with m.outcome():
+                    m.give(await self._perform(step, sub))
+        finally:
+            m.close()
+
+    async def _perform(self, step: Step, sub: _Subscription | None) -> Any:
+        if isinstance(step, core.Call):
+            timeout = step.attempt_timeout(self.timeout)
+            if step.direct:
+                msg = build_request(step.op, self._next_rid(), **step.args)
+                return await self._roundtrip(msg, timeout=timeout, retries=step.retries)
+            return await self.request(step.op, step.args, reply_timeout=timeout)
+        if isinstance(step, core.Sleep):
+            await asyncio.sleep(step.seconds)
+            return None
+        if sub is None:
+            raise TypeError(f"{step!r} outside a stream")
+        if isinstance(step, core.Poll):
+            return await sub.poll(step.timeout)
+        return sub.recv()
+
+    async def _run(self, ops: Ops[T]) -> T:
+        m = Machine(ops)
+        async for item in self._steps(m):
+            raise TypeError(f"a request operation emitted {item!r}")
+        return m.value
+
     # ---- operations -----------------------------------------------------------------------
 
     async def hello(self) -> dict[str, Any]:
-        return await self.call("hello", client=f"effectd.client.aio/{os.getpid()}")
+        return await self._run(core.hello(f"effectd.client.aio/{os.getpid()}"))
 
     async def submit(self, effect: Mapping[str, Any], *, request_key: str | None = None) -> str:
         """Submit an effect specification; returns its id once the daemon journaled it."""
-        key = request_key or f"{os.getpid()}-{os.urandom(8).hex()}"
-        return str((await self.call("submit", effect=dict(effect), request_key=key))["id"])
+        return await self._run(core.submit(effect, request_key))
 
     async def submit_many(self, effects: Sequence[Mapping[str, Any]], *,
                           request_key: str | None = None) -> builtins.list[str]:
         """Submit several effects in one atomic commit."""
-        key = request_key or f"{os.getpid()}-{os.urandom(8).hex()}"
-        reply = await self.call("submit_many", effects=[dict(e) for e in effects], request_key=key,
-                                reply_timeout=batch_reply_timeout(self.timeout, len(effects)))
-        return list(reply["ids"])
+        return await self._run(core.submit_many(effects, request_key))
 
     async def submit_shell(self, command: str | Sequence[str], **options: Any) -> str:
         """Run a shell command (string: via /bin/sh -c; sequence: argv). See :func:`shell_spec`."""
@@ -358,37 +370,15 @@ class AsyncClient:
         return await self.submit(sleep_spec(seconds, **options))
 
     async def status(self, effect_id: str) -> EffectRecord:
-        return (await self.status_many([effect_id]))[0]
+        return await self._run(core.status(effect_id))
 
     async def status_many(self, ids: Sequence[str]) -> builtins.list[EffectRecord]:
-        reply = await self.call("status", ids=list(ids))
-        return [EffectRecord.from_wire(r) for r in reply["effects"]]
+        return await self._run(core.status_many(ids))
 
     async def list(self, *, states: Sequence[str] | None = None,
                    labels: Mapping[str, str] | None = None, name: str | None = None,
                    limit: int = 100, before: str | None = None) -> builtins.list[EffectRecord]:
-        out: builtins.list[EffectRecord] = []
-        while True:  # a page the daemon cut at its reply limit ("truncated") continues from its last id
-            reply = await self.call("list", states=list(states) if states else None,
-                                    labels=dict(labels) if labels else None, name=name,
-                                    limit=limit - len(out), before=before)
-            out += [EffectRecord.from_wire(r) for r in reply["effects"]]
-            if not reply.get("truncated") or not reply["effects"] or len(out) >= limit:
-                return out
-            before = out[-1].id
-
-    async def _wait(self, ids: builtins.list[str], timeout: float | None,
-                    first: bool) -> tuple[builtins.list[EffectRecord], bool]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = (WAIT_SLICE if deadline is None
-                    else max(0.0, min(WAIT_SLICE, deadline - time.monotonic())))
-            reply = await self.call("wait", ids=ids, timeout=left,
-                                    return_when="first" if first else "all",
-                                    reply_timeout=left + self.timeout)
-            records = [EffectRecord.from_wire(r) for r in reply["effects"]]
-            if not reply["timed_out"] or (deadline is not None and time.monotonic() >= deadline):
-                return records, bool(reply["timed_out"])
+        return await self._run(core.list_effects(states, labels, name, limit, before))
 
     async def wait(self, effect_id: str, timeout: float | None = None) -> EffectRecord:
         """Until the effect is final (or ``timeout`` passes); returns its record."""
@@ -397,97 +387,48 @@ class AsyncClient:
     async def wait_many(self, ids: Sequence[str], timeout: float | None = None,
                         return_when: str = "all") -> builtins.list[EffectRecord]:
         """Wait for all (``return_when="all"``) or the first (``"first"``) of ``ids``."""
-        if return_when not in ("all", "first"):
-            raise ValueError(f"return_when must be 'all' or 'first', not {return_when!r}")
-        records, _ = await self._wait(list(ids), timeout, return_when == "first")
-        return records
+        return await self._run(core.wait_many(ids, timeout, return_when))
 
-    async def as_completed(self, ids: Sequence[str],
-                           timeout: float | None = None) -> AsyncGenerator[EffectRecord, None]:
+    def as_completed(self, ids: Sequence[str],
+                     timeout: float | None = None) -> AsyncGenerator[EffectRecord, None]:
         """Yield effects as they become final, in completion order (parked waits, no polling).
 
         Raises TimeoutError if some are not final within ``timeout`` seconds."""
-        pending = list(dict.fromkeys(ids))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while pending:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            records, timed_out = await self._wait(pending, left, first=True)
-            done = sorted((r for r in records if r.final), key=lambda r: (r.finished_at or 0, r.id))
-            if not done and timed_out:
-                raise TimeoutError(f"{len(pending)} effect(s) not finished within {timeout}s")
-            for rec in done:
-                pending.remove(rec.id)
-                yield rec
+        return self._steps(Machine(core.as_completed(ids, timeout)))
 
     async def result(self, effect_id: str) -> EffectRecord:
         """The record of a final effect (raises InvalidState while it runs)."""
-        reply = await self.call("result", id=effect_id)
-        rec = await self.status(effect_id)
-        return rec if rec.final else EffectRecord.from_wire({**rec.to_json(), **reply})
+        return await self._run(core.result(effect_id))
 
     async def cancel(self, *ids: str, reason: str | None = None) -> builtins.list[dict[str, Any]]:
-        return list((await self.call("cancel", ids=list(ids), reason=reason))["effects"])
+        return await self._run(core.cancel(ids, reason))
 
     async def read_output(self, effect_id: str, stream: str = "stdout", offset: int = 0,
                           max_bytes: int | None = None) -> OutputSlice:
         """Stored bytes from ``offset`` (possibly fewer than ``max_bytes``); a ``busy`` answer
         (the daemon's read budget is in use by other readers) is retried after a short backoff."""
-        delays = busy_backoff()
-        while True:
-            try:
-                r = await self.call("read_output", id=effect_id, stream=stream, offset=offset,
-                                    max_bytes=max_bytes)
-                break
-            except Busy:
-                delay = next(delays, None)
-                if delay is None:
-                    raise
-                await asyncio.sleep(delay)
-        return OutputSlice(r["id"], r["stream"], r["offset"], bytes(r["data"]), r["next_offset"],
-                           r["size"], EffectState(r["state"]), bool(r["eof"]))
+        return await self._run(core.read_output(effect_id, stream, offset, max_bytes))
 
     async def output(self, effect_id: str, stream: str = "stdout") -> bytes:
         """Everything stored so far for one stream."""
-        parts = []
-        offset = 0
-        while True:
-            piece = await self.read_output(effect_id, stream, offset)
-            parts.append(piece.data)
-            offset = piece.next_offset
-            if not piece.data or offset >= piece.size:
-                return b"".join(parts)
+        return await self._run(core.output(effect_id, stream))
 
     async def set_group_limit(self, name: str, parallel: int | None) -> None:
         """Limit how many effects of ``group`` run at once (None: no limit). Persisted."""
-        await self.call("group_set", name=name, parallel=parallel)
+        await self._run(core.set_group_limit(name, parallel))
 
     async def groups(self) -> builtins.list[dict[str, Any]]:
-        return list((await self.call("groups"))["groups"])
+        return await self._run(core.groups())
 
     async def gc(self, *, retain_days: float | None = None, retain_count: int | None = None,
                  retain_bytes: int | None = None) -> dict[str, Any]:
         """Delete old final effects and their output now; returns what was freed."""
-        reply = await self.call("gc", retain_days=retain_days, retain_count=retain_count,
-                                retain_bytes=retain_bytes)
-        return {k: reply[k] for k in ("removed", "freed_bytes", "kept", "kept_bytes")}
+        return await self._run(core.gc(retain_days, retain_count, retain_bytes))
 
     async def shutdown(self, drain: bool = True) -> None:
-        await self.call("shutdown", drain=drain)
+        await self._run(core.shutdown(drain))
 
     # ---- streams --------------------------------------------------------------------------
-
-    async def _fill(self, effect_id: str, f: Follower, stream: str,
-                    until: int | None) -> AsyncGenerator[Chunk, None]:
-        """Read the store from f.expected[stream] up to ``until`` (None: to the current end)."""
-        while (window := f.read_window(stream, until)) is not None:
-            chunk, more = f.apply_read(stream, until, await self.read_output(effect_id, stream, *window))
-            if chunk is not None:
-                yield chunk
-            if not more:
-                return
-
-    async def _final_sizes(self, effect_id: str, streams: Sequence[str]) -> dict[str, int]:
-        return {s: (await self.read_output(effect_id, s, 0, 1)).size for s in streams}
 
     async def stream(self, effect_id: str, from_offset: int = 0,
                      streams: Sequence[str] = ("stdout", "stderr")) -> AsyncGenerator[Chunk, None]:
@@ -504,69 +445,18 @@ class AsyncClient:
             raise DaemonUnavailable("the client is closed")
         sub = self.ctx.socket(zmq.SUB)
         self._subs.add(sub)
-        # One receive is kept pending across idle checks: asyncio.wait never cancels it, so no
-        # frame is ever taken off the socket and then lost.
-        recv: asyncio.Future[builtins.list[bytes]] | None = None
+        subscription = _Subscription(sub)
         try:
             sub.setsockopt(zmq.LINGER, 0)
             sub.setsockopt(zmq.RCVHWM, stream_hwm())
             autostart.check_runtime_dir(self.endpoints.runtime)
             sub.connect(self.endpoints.stream)
             sub.setsockopt(zmq.SUBSCRIBE, topic)
-            recv = asyncio.ensure_future(sub.recv_multipart())
-            # The daemon answers a subscription with a 'subscribed' event: from then on nothing
-            # published is missed (and anything earlier is in the store). The frame that ends
-            # this wait stays in ``recv`` and is handled below.
-            await asyncio.wait((recv,), timeout=SUBSCRIBED_WAIT)
-            for name in streams:
-                async for chunk in self._fill(effect_id, f, name, None):
+            async with contextlib.aclosing(self._steps(Machine(follow(effect_id, f)), subscription)) as chunks:
+                async for chunk in chunks:
                     yield chunk
-            if (await self.status(effect_id)).final:
-                f.finished(await self._final_sizes(effect_id, streams))
-            last_progress = time.monotonic()
-            while not f.complete:
-                if f.final_sizes is not None:
-                    for name in streams:
-                        async for chunk in self._fill(effect_id, f, name, f.final_sizes[name]):
-                            yield chunk
-                    break
-                # Check the store when nothing arrives, and also when only unrelated messages
-                # arrive (other subscribers' 'subscribed' events): a dropped 'finished' must not
-                # leave the stream waiting forever.
-                quiet = time.monotonic() - last_progress >= IDLE_CHECK
-                if not quiet:
-                    await asyncio.wait((recv,), timeout=IDLE_CHECK)
-                if quiet or not recv.done():
-                    last_progress = time.monotonic()
-                    for name in streams:
-                        async for chunk in self._fill(effect_id, f, name, None):
-                            yield chunk
-                    if (await self.status(effect_id)).final:
-                        f.finished(await self._final_sizes(effect_id, streams))
-                    continue
-                if recv.cancelled():  # the client was closed under us
-                    raise DaemonUnavailable("the client was closed during the stream")
-                frames = recv.result()
-                recv = asyncio.ensure_future(sub.recv_multipart())
-                live = parse_frame(frames)
-                if live == FINISHED:
-                    f.finished(await self._final_sizes(effect_id, streams))
-                    continue
-                if not isinstance(live, Chunk):
-                    continue
-                part, gap = f.accept(live)
-                if gap is not None:
-                    f.gaps_filled += 1
-                    async for chunk in self._fill(effect_id, f, gap[0], gap[2]):
-                        yield chunk
-                    part, _ = f.accept(live)
-                if part is not None:
-                    last_progress = time.monotonic()
-                    yield part
         finally:
-            self.last_follower = f
-            if recv is not None and not recv.done():
-                recv.cancel()
+            subscription.close()
             self._subs.discard(sub)
             sub.close(linger=0)
 
@@ -578,6 +468,31 @@ class AsyncClient:
                 unpacker.feed(chunk.data)
                 for value in unpacker:
                     yield value
+
+
+class _Subscription:
+    """A stream's SUB socket for the core's Poll/Recv steps. One receive is kept pending across
+    polls: asyncio.wait never cancels it, so no frame is ever taken off the socket and lost."""
+
+    def __init__(self, sub: zmq.asyncio.Socket) -> None:
+        self.sub = sub
+        self._recv: asyncio.Future[builtins.list[bytes]] | None = None
+
+    async def poll(self, timeout: float) -> bool:
+        if self._recv is None:
+            self._recv = asyncio.ensure_future(self.sub.recv_multipart())
+        await asyncio.wait((self._recv,), timeout=timeout)
+        return self._recv.done()
+
+    def recv(self) -> builtins.list[bytes]:
+        recv, self._recv = self._recv, None
+        if recv is None or recv.cancelled():  # the client was closed under us
+            raise DaemonUnavailable("the client was closed during the stream")
+        return recv.result()
+
+    def close(self) -> None:
+        if self._recv is not None and not self._recv.done():
+            self._recv.cancel()
 
 
 def _ignore_send_outcome(fut: asyncio.Future[Any]) -> None:

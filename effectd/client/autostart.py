@@ -29,7 +29,7 @@ from effectd.ipc.dirs import (
     state_owner,
 )
 from effectd.ipc.endpoints import LOG_FILE, RUNTIME_ENV, STATE_ENV
-from effectd.ipc.errors import DaemonUnavailable
+from effectd.ipc.errors import DaemonUnavailable, UnsafeDirectory
 
 EXIT_ALREADY_RUNNING = 75
 DEFAULT_START_TIMEOUT = 15.0
@@ -64,6 +64,20 @@ def find_daemon(runtime: Path, state: Path) -> Path | None:
     found = Path(recorded)
     check_runtime_dir(found)
     return found
+
+
+def locate(runtime: Path, state: Path, *, autostart: bool) -> Path | None:
+    """:func:`find_daemon`; when none runs and starting one is not allowed, DaemonUnavailable."""
+    found = find_daemon(runtime, state)
+    if found is None and not autostart:
+        raise DaemonUnavailable(f"effectd is not running for {runtime} (autostart disabled)")
+    return found
+
+
+def went_away(exc: DaemonUnavailable, runtime: Path, state: Path) -> bool:
+    """Whether a request that got no answer may start a new daemon and be sent once more: not
+    through an unsafe runtime dir, nor while a daemon still holds the locks (it is only slow)."""
+    return not isinstance(exc, UnsafeDirectory) and find_daemon(runtime, state) is None
 
 
 def daemon_pid(runtime: Path, state: Path) -> int | None:

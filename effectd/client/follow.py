@@ -1,19 +1,22 @@
-"""Exact streams from a lossy PUB: the offset bookkeeping shared by the sync and async clients.
+"""Exact streams from a lossy PUB: the one stream/gap-fill algorithm of both clients.
 
 The follower subscribes first, then reads what is stored (``read_output``), then applies live
 chunks: a chunk entirely before the expected offset is a duplicate and is dropped; one that
 starts after it reveals a gap, which is filled from the store before the chunk is used. The
 stream ends when the effect is final and every stream has been read to its final size. This is
-the zguide's Clone pattern with the output files as the snapshot (see docs/protocol.md).
+the zguide's Clone pattern with the output files as the snapshot (see docs/protocol.md §9).
+:class:`Follower` keeps the offsets; :func:`follow` is the loop, written as a core operation
+(see ``core.py``) that the sync and the async client drive with their own sockets.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from effectd.client.core import Emit, Ops, Poll, Recv, read_output, status
 from effectd.client.records import Chunk, OutputSlice
 from effectd.ipc import codec
 from effectd.ipc.errors import EffectdError
@@ -22,25 +25,9 @@ from effectd.ipc.schema import MAX_READ_BYTES, OUTPUT_STREAMS
 FINISHED: Literal["finished"] = "finished"
 SUBSCRIBED_WAIT = 2.0
 """Seconds to wait for the daemon's 'subscribed' event before reading the store anyway."""
-BUSY_GIVE_UP = 60.0
-"""Seconds a ``read_output`` answered ``busy`` is retried before the error is raised (the daemon
-frees its read budget within 2 s even if the readers holding it vanished)."""
 IDLE_CHECK = 0.25
 """A follower in which no stream advanced for this long checks the store (covers a dropped
 'finished' event, even while unrelated messages keep arriving)."""
-
-
-def busy_backoff() -> Iterator[float]:
-    """Delays between retries of a ``read_output`` answered ``busy`` (protocol.md §5.9): 10 ms,
-    doubling to 250 ms, with jitter so that many readers do not retry in step; ends after
-    BUSY_GIVE_UP seconds."""
-    delay = 0.01
-    spent = 0.0
-    while spent < BUSY_GIVE_UP:
-        pause = delay * random.uniform(0.5, 1.0)
-        spent += pause
-        yield pause
-        delay = min(delay * 2, 0.25)
 
 
 def parse_frame(frames: list[bytes]) -> Chunk | Literal["finished"] | None:
@@ -129,3 +116,66 @@ class Follower:
         if self.final_sizes is None:
             return False
         return all(self.expected[s] >= self.final_sizes[s] for s in self.streams)
+
+
+def follow(effect_id: str, f: Follower) -> Ops[None]:
+    """Emit every byte of ``f.streams`` from ``f.expected`` on, in order, until the effect is
+    final and each stream was read to its final size. The driver has subscribed already."""
+    # The daemon answers a subscription with a 'subscribed' event: from then on nothing
+    # published is missed (and anything earlier is in the store). A frame that ends this wait
+    # stays queued and is handled below.
+    yield Poll(SUBSCRIBED_WAIT)
+    yield from _catch_up(effect_id, f)
+    last_progress = time.monotonic()
+    while not f.complete:
+        if f.final_sizes is not None:
+            for name in f.streams:
+                yield from _fill(effect_id, f, name, f.final_sizes[name])
+            return
+        # Check the store when nothing arrives, and also when only unrelated messages arrive
+        # (other subscribers' 'subscribed' events): a dropped 'finished' must not leave the
+        # stream waiting forever.
+        quiet = time.monotonic() - last_progress >= IDLE_CHECK
+        if quiet or not (yield Poll(IDLE_CHECK)):
+            last_progress = time.monotonic()
+            yield from _catch_up(effect_id, f)
+            continue
+        live = parse_frame((yield Recv()))
+        if live == FINISHED:
+            f.finished((yield from _final_sizes(effect_id, f)))
+            continue
+        if not isinstance(live, Chunk):
+            continue
+        part, gap = f.accept(live)
+        if gap is not None:
+            f.gaps_filled += 1
+            yield from _fill(effect_id, f, gap[0], gap[2])
+            part, _ = f.accept(live)
+        if part is not None:
+            last_progress = time.monotonic()
+            yield Emit(part)
+
+
+def _catch_up(effect_id: str, f: Follower) -> Ops[None]:
+    """Read every stream to the store's current end; note the final sizes if it is final."""
+    for name in f.streams:
+        yield from _fill(effect_id, f, name, None)
+    if (yield from status(effect_id)).final:
+        f.finished((yield from _final_sizes(effect_id, f)))
+
+
+def _fill(effect_id: str, f: Follower, stream: str, until: int | None) -> Ops[None]:
+    """Read the store from f.expected[stream] up to ``until`` (None: to the current end)."""
+    while (window := f.read_window(stream, until)) is not None:
+        chunk, more = f.apply_read(stream, until, (yield from read_output(effect_id, stream, *window)))
+        if chunk is not None:
+            yield Emit(chunk)
+        if not more:
+            return
+
+
+def _final_sizes(effect_id: str, f: Follower) -> Ops[dict[str, int]]:
+    sizes = {}
+    for name in f.streams:
+        sizes[name] = (yield from read_output(effect_id, name, 0, 1)).size
+    return sizes

@@ -17,15 +17,16 @@ import zmq
 from effectd.ipc import codec
 from effectd.ipc.errors import DaemonUnavailable, EffectdError, error_from_wire
 
-BATCH_SECONDS_PER_EFFECT = 0.001
-"""Extra reply time per effect of a ``submit_many``: the daemon takes a big batch in over several
-loop turns and answers once all of it is durable (measured: ~0.6 ms per effect with 64 labels
-on a loaded 2-core machine)."""
 
-
-def batch_reply_timeout(timeout: float, count: int) -> float:
-    """Per-attempt reply timeout of a ``submit_many`` of ``count`` effects."""
-    return timeout + count * BATCH_SECONDS_PER_EFFECT
+def check_reply(reply: Any) -> dict[str, Any]:
+    """The ``ok`` reply map, or the exception an error reply stands for (both clients)."""
+    if not isinstance(reply, dict):
+        raise EffectdError("daemon sent a reply that is not a map")
+    if reply.get("ok"):
+        return reply
+    err = reply.get("error")
+    err = err if isinstance(err, dict) else {}
+    raise error_from_wire(str(err.get("code", "internal")), str(err.get("message", "")))
 
 
 class ReqChannel:
@@ -79,15 +80,10 @@ class ReqChannel:
             sock.send(data, zmq.NOBLOCK)  # never EAGAIN: a REQ queues one request, and no IMMEDIATE
             if sock.poll(int(wait * 1000), zmq.POLLIN):
                 reply = codec.unpack(sock.recv(), max_bytes=codec.MAX_WORKER_MESSAGE_BYTES)
-                if not isinstance(reply, dict):
-                    raise EffectdError("daemon sent a reply that is not a map")
-                if reply.get("rid") != msg.get("rid"):
+                if isinstance(reply, dict) and reply.get("rid") != msg.get("rid"):
                     self.reset()  # a stale reply to an earlier request: resynchronise
                     continue
-                if reply.get("ok"):
-                    return reply
-                err = reply.get("error") or {}
-                raise error_from_wire(str(err.get("code", "internal")), str(err.get("message", "")))
+                return check_reply(reply)
             self.reset()
         raise DaemonUnavailable(f"no reply from effectd at {self.endpoint} after {attempts} attempt(s) "
                                 f"of {wait:.1f}s")
