@@ -7,10 +7,13 @@ truncated. While the live stream runs, daemon + workers RSS is sampled (for scen
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from bench.common import BenchDaemon, Row, ScenarioResult, Sizes, run_helper, sampling_rss
+from effectd.client.follow import Follower
 
 
 def consume(c: Any, eid: str) -> tuple[int, int]:
@@ -35,6 +38,26 @@ def repeat_check(c: Any) -> list[dict[str, Any]]:
     return out
 
 
+@contextlib.contextmanager
+def recorded_followers() -> Iterator[list[Follower]]:
+    """The Follower of every stream started inside the block (its gap counters), without the
+    client keeping them."""
+    followers: list[Follower] = []
+    original = Follower.__dict__["start"]
+    start = Follower.start
+
+    def recording(cls: type[Follower], streams: Iterable[str], from_offset: int = 0) -> Follower:
+        f = start(streams, from_offset)
+        followers.append(f)
+        return f
+
+    Follower.start = classmethod(recording)  # type: ignore[method-assign, assignment]
+    try:
+        yield followers
+    finally:
+        Follower.start = original  # type: ignore[method-assign]
+
+
 def run(sizes: Sizes, shared: dict[str, Any]) -> ScenarioResult:
     res = ScenarioResult("streaming", f"bulk stream head -c {sizes.stream_bytes >> 20} MiB")
     size = sizes.stream_bytes
@@ -46,14 +69,14 @@ def run(sizes: Sizes, shared: dict[str, Any]) -> ScenarioResult:
             eid = c.submit_shell(["head", "-c", str(size), "/dev/zero"], max_output_bytes=size + (1 << 20))
             live_error = None
             try:
-                live_bytes, live_chunks = consume(c, eid)
+                with recorded_followers() as followers:
+                    live_bytes, live_chunks = consume(c, eid)
             except Exception as exc:
                 live_error = f"live stream failed: {type(exc).__name__}: {exc}"
                 live_bytes = live_chunks = -1
             live_s = time.perf_counter() - t0
         rec = c.wait(eid)
-        gaps = getattr(c, "last_follower", None)
-        gaps_filled = getattr(gaps, "gaps_filled", None)
+        gaps_filled = followers[0].gaps_filled if followers else None
         t0 = time.perf_counter()
         replay_bytes, replay_chunks = consume(c, eid)
         replay_s = time.perf_counter() - t0
