@@ -29,11 +29,14 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from effectd.daemon import runners
+from effectd.daemon.kinds.base import READ_CHUNK, OutputChunk, Phase, Run
+from effectd.daemon.kinds.python import PythonRun
+from effectd.daemon.kinds.shell import ShellRun
+from effectd.daemon.kinds.sleep import SleepRun
+from effectd.daemon.kinds.spawn import ProgressFd
 from effectd.daemon.liveness import TURN_ALLOWANCE, HearingClock
 from effectd.daemon.output import DEFAULT_MAX_OUTPUT_BYTES, OutputWriter
 from effectd.daemon.proctree import become_subreaper, reap_orphan_zombies
-from effectd.daemon.runners import Chunk, Phase, PythonRun, Run, ShellRun, SleepRun
 from effectd.ipc import auth, codec
 from effectd.ipc.dirs import RUNTIME_DIR, pin_dir
 from effectd.ipc.endpoints import Endpoints, stream_hwm
@@ -62,8 +65,10 @@ UNACKED_RESEND = 5.0
 class Worker:
     def __init__(self, endpoints: Endpoints, outputs_root: Path, *, worker_id: str, slots: int,
                  orphan_timeout: float, kill_grace: float, heartbeat: float = HEARTBEAT_INTERVAL,
-                 key: bytes) -> None:
+                 key: bytes, progress_fd: ProgressFd | None = None) -> None:
         self.endpoints = endpoints
+        self.progress_fd = progress_fd or ProgressFd()
+        """fd 3 reserved at start (see effectd.daemon.kinds.spawn), lent to each shell run's spawn."""
         self.key = key
         self.outputs_root = outputs_root
         self.worker_id = worker_id
@@ -174,7 +179,7 @@ class Worker:
             "finished": list(self.unacked.values()),
         })
 
-    def publish(self, effect_id: str, attempt: int, chunks: list[Chunk]) -> None:
+    def publish(self, effect_id: str, attempt: int, chunks: list[OutputChunk]) -> None:
         topic = effect_id.encode()
         for c in chunks:
             with contextlib.suppress(zmq.Again):
@@ -204,7 +209,7 @@ class Worker:
         stream = self._capture[fd]
         while True:
             try:
-                data = os.read(fd, runners.READ_CHUNK)
+                data = os.read(fd, READ_CHUNK)
             except BlockingIOError:
                 return
             if not data:
@@ -304,7 +309,7 @@ class Worker:
         if kind == "shell":
             source = self.outputs_root / spec["stdin_from"] if spec.get("stdin_from") else None
             run = ShellRun(effect_id, attempt, spec, writer, base_env=self.base_env, stdin_source=source,
-                           **common)
+                           progress_fd=self.progress_fd, **common)
             run.sibling_pids = self._main_pids
         elif kind == "python":
             run = PythonRun(effect_id, attempt, spec, writer, wake=self._wake, **common)
@@ -328,7 +333,7 @@ class Worker:
 
     # ---- loop -----------------------------------------------------------------------------
 
-    def _after_run_step(self, run: Run, chunks: list[Chunk]) -> None:
+    def _after_run_step(self, run: Run, chunks: list[OutputChunk]) -> None:
         if chunks:
             self.publish(run.effect_id, run.attempt, chunks)
         while run.progress:
@@ -487,12 +492,12 @@ def main(argv: list[str] | None = None) -> int:
     # Our session is our own (the daemon started us with start_new_session): a Ctrl-C in the
     # daemon's terminal or a daemon crash does not reach us. SIGTERM ends us after killing effects.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    runners.reserve_progress_fd()  # before zmq opens descriptors
+    progress_fd = ProgressFd.reserve()  # before zmq opens descriptors
     try:
         worker = Worker(Endpoints.for_runtime(args.runtime_dir), args.outputs,
                         worker_id=args.worker_id or f"w{os.getpid()}-{uuid.uuid4().hex[:6]}",
                         slots=args.slots, orphan_timeout=args.orphan_timeout, kill_grace=args.kill_grace,
-                        heartbeat=args.heartbeat, key=key)
+                        heartbeat=args.heartbeat, key=key, progress_fd=progress_fd)
     except UnsafeDirectory as exc:
         log.error("%s", exc.message)
         return 1
