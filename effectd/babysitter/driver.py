@@ -116,6 +116,7 @@ from effectd.babysitter.sdk import (
     shell_result_value,
     sleep_result_value,
 )
+from effectd.ipc.constants import EXIT_CANCELLED, EXIT_FAILED, EXIT_TIMED_OUT
 
 if TYPE_CHECKING:
     from effectd.client import Client, EffectRecord
@@ -135,11 +136,9 @@ __all__ = [
 ]
 
 EXIT_COMPLETED = 0
-EXIT_FAILED = 1
 EXIT_WAITING = 6
 """Only effects of kinds the driver does not run remain pending (someone else must post them)."""
-EXIT_TIMED_OUT = 124
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = EXIT_CANCELLED
 
 SUPPORTED_KINDS = ("shell", "node", "sleep")
 WAIT_SLICE = 5.0

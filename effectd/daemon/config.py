@@ -5,8 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from effectd.daemon.output import DEFAULT_MAX_OUTPUT_BYTES
-from effectd.daemon.worker import DEFAULT_ORPHAN_TIMEOUT, HEARTBEAT_INTERVAL
+from effectd.ipc.constants import (
+    DEFAULT_MAX_OUTPUT_BYTES,
+    DEFAULT_ORPHAN_TIMEOUT,
+    DEFAULT_RETAIN_BYTES,
+    DEFAULT_RETAIN_COUNT,
+    DEFAULT_RETAIN_DAYS,
+    HEARTBEAT_INTERVAL,
+)
 
 
 @dataclass
@@ -34,9 +40,9 @@ class DaemonConfig:
     adopt_grace: float = 10.0
     orphan_timeout: float = DEFAULT_ORPHAN_TIMEOUT
     heartbeat: float = HEARTBEAT_INTERVAL
-    retain_days: float = 7.0
-    retain_count: int = 10_000
-    retain_bytes: int = 2 * 1024 * 1024 * 1024
+    retain_days: float = DEFAULT_RETAIN_DAYS
+    retain_count: int = DEFAULT_RETAIN_COUNT
+    retain_bytes: int = DEFAULT_RETAIN_BYTES
     log_level: str = "INFO"
     log_file: Path | None = None
 

@@ -18,7 +18,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+from effectd.ipc.constants import DEFAULT_MAX_OUTPUT_BYTES
+
 TAIL_KEEP_BYTES = 1024 * 1024
 STATE_HEADROOM_BYTES = 2 * 1024 * 1024
 """Free space output never takes (at most 1/8 of the filesystem): below it a write fails as if the

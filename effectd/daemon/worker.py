@@ -35,9 +35,15 @@ from effectd.daemon.kinds.shell import ShellRun
 from effectd.daemon.kinds.sleep import SleepRun
 from effectd.daemon.kinds.spawn import ProgressFd
 from effectd.daemon.liveness import TURN_ALLOWANCE, HearingClock
-from effectd.daemon.output import DEFAULT_MAX_OUTPUT_BYTES, OutputWriter
+from effectd.daemon.output import OutputWriter
 from effectd.daemon.proctree import become_subreaper, reap_orphan_zombies
 from effectd.ipc import auth, codec
+from effectd.ipc.constants import (
+    DEFAULT_MAX_OUTPUT_BYTES,
+    DEFAULT_ORPHAN_TIMEOUT,
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_LIVENESS,
+)
 from effectd.ipc.dirs import RUNTIME_DIR, pin_dir
 from effectd.ipc.endpoints import Endpoints, stream_hwm
 from effectd.ipc.errors import EffectdError, UnsafeDirectory
@@ -51,11 +57,6 @@ from effectd.journal.outputs import claim_attempt
 
 log = logging.getLogger("effectd.worker")
 
-HEARTBEAT_INTERVAL = 1.0
-"""Seconds between heartbeats in each direction (any message counts as one)."""
-HEARTBEAT_LIVENESS = 3
-"""Silent intervals after which the peer is considered gone."""
-DEFAULT_ORPHAN_TIMEOUT = 300.0
 REAP_INTERVAL = 0.2
 """How often orphaned zombies (adopted as subreaper) are reaped."""
 UNACKED_RESEND = 5.0
