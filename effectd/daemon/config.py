@@ -13,6 +13,7 @@ from effectd.ipc.constants import (
     DEFAULT_RETAIN_DAYS,
     HEARTBEAT_INTERVAL,
 )
+from effectd.ipc.layout import outputs_root
 
 
 @dataclass
@@ -52,4 +53,4 @@ class DaemonConfig:
 
     @property
     def outputs_dir(self) -> Path:
-        return self.state_dir / "outputs"
+        return outputs_root(self.state_dir)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from effectd.ipc.constants import DEFAULT_MAX_OUTPUT_BYTES
+from effectd.ipc.layout import stream_path
 
 TAIL_KEEP_BYTES = 1024 * 1024
 STATE_HEADROOM_BYTES = 2 * 1024 * 1024
@@ -74,7 +75,7 @@ class OutputWriter:
     def _stream(self, name: str) -> _StreamFile:
         sf = self._streams.get(name)
         if sf is None:
-            path = self.dir / name
+            path = stream_path(self.dir, name)
             sf = _StreamFile(path=path)
             try:
                 self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)

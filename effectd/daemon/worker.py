@@ -47,6 +47,7 @@ from effectd.ipc.constants import (
 from effectd.ipc.dirs import RUNTIME_DIR, pin_dir
 from effectd.ipc.endpoints import Endpoints, stream_hwm
 from effectd.ipc.errors import EffectdError, UnsafeDirectory
+from effectd.ipc.layout import effect_dir
 from effectd.ipc.schema import (
     DAEMON_TO_WORKER,
     PROTOCOL_VERSION,
@@ -294,7 +295,7 @@ class Worker:
         # The claim comes before anything runs, so after a crash "no claim" proves "never
         # started" and a recovering daemon may re-queue the attempt (at-most-once).
         try:
-            claim_attempt(self.outputs_root / effect_id, attempt, f"{self.worker_id} {os.getpid()}")
+            claim_attempt(effect_dir(self.outputs_root, effect_id), attempt, f"{self.worker_id} {os.getpid()}")
         except FileExistsError:
             log.warning("refusing assignment of %s attempt %d: already claimed or voided (a stale or "
                         "duplicate assignment)", effect_id, attempt)
@@ -302,13 +303,13 @@ class Worker:
         except OSError as exc:
             self._refuse(effect_id, attempt, exc)
             return
-        writer = OutputWriter(self.outputs_root / effect_id,
+        writer = OutputWriter(effect_dir(self.outputs_root, effect_id),
                               int(spec.get("max_output_bytes") or DEFAULT_MAX_OUTPUT_BYTES))
         common: dict[str, Any] = {"kill_grace": self.kill_grace}
         run: Run
         kind = spec["kind"]
         if kind == "shell":
-            source = self.outputs_root / spec["stdin_from"] if spec.get("stdin_from") else None
+            source = effect_dir(self.outputs_root, spec["stdin_from"]) if spec.get("stdin_from") else None
             run = ShellRun(effect_id, attempt, spec, writer, base_env=self.base_env, stdin_source=source,
                            progress_fd=self.progress_fd, **common)
             run.sibling_pids = self._main_pids

@@ -34,6 +34,7 @@ from effectd.daemon.proctree import (
     collect_exit_status,
     own_children,
 )
+from effectd.ipc.layout import final_marker, stream_path
 
 EXIT_STATUS_UNKNOWN = "exit_status_unknown"
 """Reason of a run that ends ``lost`` because its main process's exit status could not be
@@ -154,9 +155,9 @@ class ShellRun(Run):
             return
         try:
             if not self._stdin_buf:
-                final = (self._stdin_source / "final").exists()  # checked before reading: no lost tail
+                final = final_marker(self._stdin_source).exists()  # checked before reading: no lost tail
                 try:
-                    fd = os.open(self._stdin_source / "stdout", os.O_RDONLY)
+                    fd = os.open(stream_path(self._stdin_source, "stdout"), os.O_RDONLY)
                 except FileNotFoundError:
                     fd = -1
                 if fd >= 0:
