@@ -64,7 +64,9 @@ UNACKED_RESEND = 5.0
 """Seconds after which completion reports the daemon has not acknowledged are sent again."""
 
 
-class Worker:
+class WorkerProcess:
+    """This worker process: its sockets to the daemon, the runs it hosts, and its poll loop."""
+
     def __init__(self, endpoints: Endpoints, outputs_root: Path, *, worker_id: str, slots: int,
                  orphan_timeout: float, kill_grace: float, heartbeat: float = HEARTBEAT_INTERVAL,
                  key: bytes, progress_fd: ProgressFd | None = None) -> None:
@@ -496,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     progress_fd = ProgressFd.reserve()  # before zmq opens descriptors
     try:
-        worker = Worker(Endpoints.for_runtime(args.runtime_dir), args.outputs,
+        worker = WorkerProcess(Endpoints.for_runtime(args.runtime_dir), args.outputs,
                         worker_id=args.worker_id or f"w{os.getpid()}-{uuid.uuid4().hex[:6]}",
                         slots=args.slots, orphan_timeout=args.orphan_timeout, kill_grace=args.kill_grace,
                         heartbeat=args.heartbeat, key=key, progress_fd=progress_fd)
