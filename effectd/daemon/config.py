@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from effectd.daemon.proctree import DEFAULT_KILL_GRACE
 from effectd.ipc.constants import (
     DEFAULT_MAX_OUTPUT_BYTES,
     DEFAULT_ORPHAN_TIMEOUT,
@@ -36,7 +37,7 @@ class DaemonConfig:
     max_queued: int = 100_000
     max_waits: int = 10_000
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
-    kill_grace: float = 5.0
+    kill_grace: float = DEFAULT_KILL_GRACE
     drain_timeout: float = 30.0
     adopt_grace: float = 10.0
     orphan_timeout: float = DEFAULT_ORPHAN_TIMEOUT

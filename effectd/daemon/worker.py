@@ -36,7 +36,7 @@ from effectd.daemon.kinds.sleep import SleepRun
 from effectd.daemon.kinds.spawn import ProgressFd
 from effectd.daemon.liveness import TURN_ALLOWANCE, HearingClock
 from effectd.daemon.output import OutputWriter
-from effectd.daemon.proctree import become_subreaper, reap_orphan_zombies
+from effectd.daemon.proctree import DEFAULT_KILL_GRACE, become_subreaper, reap_orphan_zombies
 from effectd.ipc import auth, codec
 from effectd.ipc.constants import (
     DEFAULT_MAX_OUTPUT_BYTES,
@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--slots", type=int, default=32)
     parser.add_argument("--orphan-timeout", type=float, default=DEFAULT_ORPHAN_TIMEOUT)
-    parser.add_argument("--kill-grace", type=float, default=5.0)
+    parser.add_argument("--kill-grace", type=float, default=DEFAULT_KILL_GRACE)
     parser.add_argument("--heartbeat", type=float, default=HEARTBEAT_INTERVAL)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--key-fd", type=int, required=True,
