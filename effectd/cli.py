@@ -13,66 +13,22 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 
+from effectd.cliutil import F, fail, handle_errors, json_default, json_out
+from effectd.ipc.constants import EXIT_CANCELLED, EXIT_FAILED, EXIT_NOT_STARTED, EXIT_TIMED_OUT, EXIT_UNAVAILABLE
+
 if TYPE_CHECKING:
     from effectd.client import Client, EffectRecord
-
-EXIT_FAILED = 1
-EXIT_UNAVAILABLE = 3
-EXIT_NOT_FOUND = 4
-EXIT_INVALID_STATE = 5
-EXIT_TIMED_OUT = 124
-EXIT_NOT_STARTED = 125
-EXIT_CANCELLED = 130
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _client(autostart: bool = True) -> Client:
     from effectd.client import Client
 
     return Client(autostart=autostart)
-
-
-def _fail(message: str, code: int) -> None:
-    click.echo(f"effectctl: {message}", err=True)
-    sys.exit(code)
-
-
-def handle_errors(func: F) -> F:
-    """Map effectd exceptions to messages and documented exit codes."""
-    import functools
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from effectd.ipc.errors import DaemonUnavailable, EffectdError, InvalidState, NotFound, Unavailable
-
-        try:
-            return func(*args, **kwargs)
-        except NotFound as exc:
-            _fail(exc.message, EXIT_NOT_FOUND)
-        except InvalidState as exc:
-            _fail(exc.message, EXIT_INVALID_STATE)
-        except (DaemonUnavailable, Unavailable) as exc:
-            _fail(str(exc), EXIT_UNAVAILABLE)
-        except EffectdError as exc:
-            _fail(str(exc), EXIT_FAILED)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _json_out(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=_json_default))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray)):
-        return value.decode("utf-8", errors="replace")
-    return str(value)
 
 
 def _pairs(values: Sequence[str], what: str) -> dict[str, str]:
@@ -208,7 +164,7 @@ def run(command: tuple[str, ...], detach: bool, as_json: bool, **o: Any) -> None
     with _client() as c:
         eid = c.submit(spec)
         if detach:
-            _json_out({"id": eid}) if as_json else click.echo(eid)
+            json_out({"id": eid}) if as_json else click.echo(eid)
             return
         cancelled = False
 
@@ -230,7 +186,7 @@ def run(command: tuple[str, ...], detach: bool, as_json: bool, **o: Any) -> None
         finally:
             signal.signal(signal.SIGINT, previous)
         if as_json:
-            _json_out(record.to_json())
+            json_out(record.to_json())
         elif record.state.value != "succeeded" and record.exit_code is None:
             click.echo(f"effectctl: effect {eid} {record.state.value}"
                        + (f": {record.reason}" if record.reason else ""), err=True)
@@ -277,7 +233,7 @@ def submit(command: tuple[str, ...], target: str | None, args_json: str, kwargs_
         spec = _shell_spec(command, o)
     with _client() as c:
         eid = c.submit(spec)
-    _json_out({"id": eid}) if as_json else click.echo(eid)
+    json_out({"id": eid}) if as_json else click.echo(eid)
 
 
 @main.command()
@@ -289,7 +245,7 @@ def status(ids: tuple[str, ...], as_json: bool) -> None:
     with _client() as c:
         records = c.status_many(list(ids))
     if as_json:
-        _json_out([r.to_json() for r in records])
+        json_out([r.to_json() for r in records])
         return
     for r in records:
         click.echo(_record_line(r))
@@ -308,7 +264,7 @@ def list_(states: tuple[str, ...], labels: tuple[str, ...], name: str | None, li
         records = c.list(states=list(states) or None, labels=_pairs(labels, "--label") or None, name=name,
                          limit=limit)
     if as_json:
-        _json_out([r.to_json() for r in records])
+        json_out([r.to_json() for r in records])
         return
     for r in records:
         click.echo(_record_line(r))
@@ -355,7 +311,7 @@ def wait(ids: tuple[str, ...], timeout: float | None, any_: bool, as_json: bool)
         done = sorted((r for r in records if r.final), key=lambda r: r.finished_at or 0)
         records = done[:1] or records
     if as_json:
-        _json_out([r.to_json() for r in records])
+        json_out([r.to_json() for r in records])
     else:
         for r in records:
             click.echo(_record_line(r))
@@ -373,11 +329,11 @@ def result(effect_id: str, as_json: bool) -> None:
     with _client() as c:
         r = c.result(effect_id)
     if as_json:
-        _json_out(r.to_json())
+        json_out(r.to_json())
     else:
         click.echo(_record_line(r))
         if r.result is not None:
-            click.echo(json.dumps(r.result, default=_json_default))
+            click.echo(json.dumps(r.result, default=json_default))
         if r.error is not None:
             click.echo(r.error.traceback or f"{r.error.type}: {r.error.message}", err=True)
     sys.exit(0 if r.succeeded else EXIT_FAILED)
@@ -392,7 +348,7 @@ def cancel(ids: tuple[str, ...], as_json: bool) -> None:
     with _client() as c:
         results = c.cancel(*ids)
     if as_json:
-        _json_out(results)
+        json_out(results)
         return
     for r in results:
         click.echo(f"{r['id']}  {'cancelling' if r['cancelled'] and r['state'] == 'running' else r['state']}")
@@ -422,7 +378,7 @@ def group_list(as_json: bool) -> None:
     with _client() as c:
         groups = c.groups()
     if as_json:
-        _json_out(groups)
+        json_out(groups)
         return
     for g in groups:
         limit = g["parallel"] if g["parallel"] is not None else "-"
@@ -440,7 +396,7 @@ def gc(retain_days: float | None, retain_count: int | None, retain_bytes: int | 
     with _client() as c:
         freed = c.gc(retain_days=retain_days, retain_count=retain_count, retain_bytes=retain_bytes)
     if as_json:
-        _json_out(freed)
+        json_out(freed)
     else:
         click.echo(f"removed {freed['removed']} effects, freed {freed['freed_bytes']} bytes; "
                    f"kept {freed['kept']} ({freed['kept_bytes']} bytes)")
@@ -459,7 +415,7 @@ def daemon_start(as_json: bool) -> None:
     with _client() as c:
         info = c.hello()
     if as_json:
-        _json_out({"pid": info["pid"], "runtime_dir": info["runtime_dir"]})
+        json_out({"pid": info["pid"], "runtime_dir": info["runtime_dir"]})
     else:
         click.echo(f"effectd running (pid {info['pid']}, {info['runtime_dir']})")
 
@@ -490,7 +446,7 @@ def daemon_stop(now: bool, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while daemon_pid(c.runtime, c.state) is not None:
             if time.monotonic() > deadline:
-                _fail(f"effectd (pid {pid}) did not stop within {timeout:.0f}s", EXIT_FAILED)
+                fail(f"effectd (pid {pid}) did not stop within {timeout:.0f}s", EXIT_FAILED)
             time.sleep(0.05)
     click.echo(f"effectd stopped (pid {pid})")
 
@@ -540,13 +496,13 @@ def daemon_status(as_json: bool) -> None:
         pid = daemon_pid(c.runtime, c.state)
         if pid is None:
             if as_json:
-                _json_out({"running": False, "runtime_dir": str(c.runtime)})
+                json_out({"running": False, "runtime_dir": str(c.runtime)})
             else:
                 click.echo(f"effectd is not running ({c.runtime})")
             sys.exit(EXIT_UNAVAILABLE)
         info = c.hello()
     if as_json:
-        _json_out({"running": True, **info})
+        json_out({"running": True, **info})
         return
     counts = info.get("counts", {})
     click.echo(f"effectd {info['daemon_version']} running, pid {info['pid']}, managed by {info['managed_by']}, "

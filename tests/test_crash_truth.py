@@ -16,7 +16,8 @@ import pytest
 
 from effectd.client import EffectState
 from effectd.daemon.core import NEVER_STARTED, Effect, Limits, Scheduler, Worker, WorkerState
-from effectd.daemon.retention import MIN_KEY_WINDOW_DAYS, Retention
+from effectd.daemon.retention import Retention
+from effectd.ipc.constants import MIN_KEY_WINDOW_DAYS
 from effectd.ipc.errors import EffectdError
 from effectd.journal import Journal, OutputStore
 from effectd.journal.outputs import claim_attempt

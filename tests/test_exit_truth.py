@@ -21,11 +21,12 @@ import pytest
 
 from effectd.client import EffectState, python_spec, shell_spec
 from effectd.daemon.ids import UlidGenerator
+from effectd.daemon.kinds.shell import EXIT_STATUS_UNKNOWN, ShellRun
 from effectd.daemon.output import OutputWriter
-from effectd.daemon.proctree import TreeKill, collect_exit_status, kill_tree
-from effectd.daemon.runners import EXIT_STATUS_UNKNOWN, ShellRun
+from effectd.daemon.proctree import TreeKill, collect_exit_status
 from effectd.ipc.schema import check_finish
 from tests.conftest import DaemonHandle, wait_until
+from tests.proctools import kill_tree
 
 EXIT3 = "sleep 0.3; exit 3"
 # Leaves a SIGTERM-ignoring process behind: the worker tree-kills it (SIGKILL after the grace)

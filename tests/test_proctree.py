@@ -32,11 +32,9 @@ from effectd.daemon.proctree import (
     ProcessIdentity,
     TreeKill,
     effect_processes,
-    identity_of,
     is_alive,
-    is_subreaper,
-    kill_tree,
 )
+from tests.proctools import identity_of, is_subreaper, kill_tree
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -258,7 +256,7 @@ def test_test_process_is_not_a_subreaper_but_the_worker_is(worker: Worker) -> No
 
 def test_become_subreaper_in_a_fresh_process() -> None:
     code = (
-        "from effectd.daemon.proctree import become_subreaper, is_subreaper;"
+        "from effectd.daemon.proctree import become_subreaper; from tests.proctools import is_subreaper;"
         "b = is_subreaper(); print(b, become_subreaper(), is_subreaper())"
     )
     out = subprocess.run(
@@ -391,10 +389,11 @@ def test_never_signals_itself_nor_its_own_group(tmp_path: Path) -> None:
     code = f"""
 import json, os, subprocess
 from effectd.daemon import proctree as pt
+from tests import proctools
 child = subprocess.Popen(["sleep", "300"])  # inherits our marker, session and group
-me = pt.identity_of(os.getpid())
+me = proctools.identity_of(os.getpid())
 found = [p.pid for p in pt.effect_processes({eid!r}, me)]
-ok = pt.kill_tree({eid!r}, me, grace=0.5, timeout=10)
+ok = proctools.kill_tree({eid!r}, me, grace=0.5, timeout=10)
 print(json.dumps({{"me_found": os.getpid() in found, "child_found": child.pid in found,
                    "ok": ok, "child_rc": child.wait(timeout=5)}}))
 """
@@ -501,8 +500,9 @@ def test_escapee_found_by_marker_when_not_its_subreaper(
     code = f"""
 import json
 from effectd.daemon import proctree as pt
+from tests import proctools
 root = pt.ProcessIdentity({root.pid}, {root.create_time!r})
-print(json.dumps([pt.is_subreaper(), pt.kill_tree({eid!r}, root, grace=0.5, timeout=10)]))
+print(json.dumps([proctools.is_subreaper(), proctools.kill_tree({eid!r}, root, grace=0.5, timeout=10)]))
 """
     out = subprocess.run(
         [sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=20

@@ -19,22 +19,21 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-F = TypeVar("F", bound=Callable[..., Any])
+from effectd.cliutil import F, handle_errors
+from effectd.ipc.constants import EXIT_FAILED
 
 
 def _handle_errors(func: F) -> F:
-    """effectctl's error mapping, imported when called (no import cycle with effectd.cli)."""
+    """effectctl's error mapping, plus the driver's own errors."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from effectd.babysitter.driver import DriveError
-        from effectd.cli import EXIT_FAILED, handle_errors
 
         try:
             return handle_errors(func)(*args, **kwargs)

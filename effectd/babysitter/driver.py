@@ -84,7 +84,6 @@ timeout, interrupt, SDK error) they keep running and a new driver picks them up.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -116,6 +115,8 @@ from effectd.babysitter.sdk import (
     shell_result_value,
     sleep_result_value,
 )
+from effectd.ipc.constants import EXIT_CANCELLED, EXIT_FAILED, EXIT_TIMED_OUT
+from effectd.ipc.flock import try_lock, write_holder
 
 if TYPE_CHECKING:
     from effectd.client import Client, EffectRecord
@@ -135,11 +136,9 @@ __all__ = [
 ]
 
 EXIT_COMPLETED = 0
-EXIT_FAILED = 1
 EXIT_WAITING = 6
 """Only effects of kinds the driver does not run remain pending (someone else must post them)."""
-EXIT_TIMED_OUT = 124
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = EXIT_CANCELLED
 
 SUPPORTED_KINDS = ("shell", "node", "sleep")
 WAIT_SLICE = 5.0
@@ -1199,16 +1198,10 @@ class Driver:
     def _acquire_driver_lock(self) -> int:
         self.client.runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.client.runtime / f"babysitter-drive-{self.run_key}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip()
-            os.close(fd)
-            raise DriveError(f"another driver (pid {holder or '?'}) is driving {self.run_dir}"
-                             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        fd, holder = try_lock(path)
+        if fd is None:
+            raise DriveError(f"another driver (pid {holder.strip()[:64] or '?'}) is driving {self.run_dir}")
+        write_holder(fd, str(os.getpid()))
         return fd
 
     def _emit(self, kind: str, message: str, effect_id: str | None = None) -> None:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from effectd.ipc.constants import EXIT_ALREADY_RUNNING
 from effectd.ipc.dirs import (
     RUNTIME_DIR,
     STATE_DIR,
@@ -31,7 +32,6 @@ from effectd.ipc.dirs import (
 from effectd.ipc.endpoints import LOG_FILE, RUNTIME_ENV, STATE_ENV
 from effectd.ipc.errors import DaemonUnavailable, UnsafeDirectory
 
-EXIT_ALREADY_RUNNING = 75
 DEFAULT_START_TIMEOUT = 15.0
 
 

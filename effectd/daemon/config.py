@@ -5,8 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from effectd.daemon.output import DEFAULT_MAX_OUTPUT_BYTES
-from effectd.daemon.worker import DEFAULT_ORPHAN_TIMEOUT, HEARTBEAT_INTERVAL
+from effectd.daemon.proctree import DEFAULT_KILL_GRACE
+from effectd.ipc.constants import (
+    DEFAULT_MAX_OUTPUT_BYTES,
+    DEFAULT_ORPHAN_TIMEOUT,
+    DEFAULT_RETAIN_BYTES,
+    DEFAULT_RETAIN_COUNT,
+    DEFAULT_RETAIN_DAYS,
+    HEARTBEAT_INTERVAL,
+)
+from effectd.ipc.layout import outputs_root
 
 
 @dataclass
@@ -29,14 +37,14 @@ class DaemonConfig:
     max_queued: int = 100_000
     max_waits: int = 10_000
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
-    kill_grace: float = 5.0
+    kill_grace: float = DEFAULT_KILL_GRACE
     drain_timeout: float = 30.0
     adopt_grace: float = 10.0
     orphan_timeout: float = DEFAULT_ORPHAN_TIMEOUT
     heartbeat: float = HEARTBEAT_INTERVAL
-    retain_days: float = 7.0
-    retain_count: int = 10_000
-    retain_bytes: int = 2 * 1024 * 1024 * 1024
+    retain_days: float = DEFAULT_RETAIN_DAYS
+    retain_count: int = DEFAULT_RETAIN_COUNT
+    retain_bytes: int = DEFAULT_RETAIN_BYTES
     log_level: str = "INFO"
     log_file: Path | None = None
 
@@ -46,4 +54,4 @@ class DaemonConfig:
 
     @property
     def outputs_dir(self) -> Path:
-        return self.state_dir / "outputs"
+        return outputs_root(self.state_dir)

@@ -12,7 +12,6 @@ The directories themselves are checked by :mod:`effectd.ipc.dirs`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 from effectd.ipc.dirs import holder_pid, parse_owner
 from effectd.ipc.endpoints import LOCK_FILE, STATE_LOCK_FILE
+from effectd.ipc.flock import try_lock, write_holder
 
 PROBE_PATIENCE = 1.0
 """Seconds a starting daemon waits for a client's probing (shared) lock to go away."""
@@ -51,27 +51,22 @@ class FileLock:
 
     def acquire(self, text: str) -> None:
         """Take the lock and write ``text`` into the file, or raise :class:`AlreadyRunning`."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         deadline = time.monotonic() + PROBE_PATIENCE
         while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd, held = try_lock(self.path)
+            if fd is not None:
                 break
-            except BlockingIOError:
-                held = os.pread(fd, 4096, 0).decode(errors="replace")
-                pid = holder_pid(held)
-                # Clients probe with a brief shared lock; only a file naming a live process means
-                # a daemon really holds it. Otherwise wait the probe out.
-                if (pid is not None and _alive(pid)) or time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise AlreadyRunning(self.refusal(pid, held), pid) from None
-                time.sleep(0.005)
+            pid = holder_pid(held)
+            # Clients probe with a brief shared lock; only a file naming a live process means
+            # a daemon really holds it. Otherwise wait the probe out.
+            if (pid is not None and _alive(pid)) or time.monotonic() >= deadline:
+                raise AlreadyRunning(self.refusal(pid, held), pid)
+            time.sleep(0.005)
         self.fd = fd
         self.write(text)
 
     def write(self, text: str) -> None:
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, text.encode(), 0)
+        write_holder(self.fd, text)
 
     def refusal(self, pid: int | None, held: str) -> str:
         who = f"pid {pid}" if pid else "another process"

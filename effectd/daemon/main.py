@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from effectd import __version__
+from effectd.ipc.constants import EXIT_ALREADY_RUNNING
 from effectd.ipc.endpoints import runtime_dir, state_dir
-
-EXIT_ALREADY_RUNNING = 75
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+from effectd.ipc.constants import DEFAULT_MAX_OUTPUT_BYTES
+from effectd.ipc.layout import stream_path
+
 TAIL_KEEP_BYTES = 1024 * 1024
 STATE_HEADROOM_BYTES = 2 * 1024 * 1024
 """Free space output never takes (at most 1/8 of the filesystem): below it a write fails as if the
@@ -73,7 +75,7 @@ class OutputWriter:
     def _stream(self, name: str) -> _StreamFile:
         sf = self._streams.get(name)
         if sf is None:
-            path = self.dir / name
+            path = stream_path(self.dir, name)
             sf = _StreamFile(path=path)
             try:
                 self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)

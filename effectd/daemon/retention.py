@@ -13,18 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from effectd.ipc.constants import (
+    DEFAULT_RETAIN_BYTES,
+    DEFAULT_RETAIN_COUNT,
+    DEFAULT_RETAIN_DAYS,
+    MIN_KEY_WINDOW_DAYS,
+)
 from effectd.journal import Journal, OutputStore
 
 log = logging.getLogger("effectd.retention")
 
-DEFAULT_RETAIN_DAYS = 7.0
-DEFAULT_RETAIN_COUNT = 10_000
-DEFAULT_RETAIN_BYTES = 2 * 1024 * 1024 * 1024
 GC_INTERVAL = 300.0
-MIN_KEY_WINDOW_DAYS = 7.0
-"""Request keys are remembered at least this long (or ``retain_days`` if longer): a client may
-retry a submit long after its effects were collected, and must not get a second run."""
-FINAL = ("succeeded", "failed", "cancelled", "timed_out", "lost")
 
 
 @dataclass

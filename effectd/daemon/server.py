@@ -38,8 +38,8 @@ from effectd.daemon.proctree import ProcessIdentity, TreeKill, effect_processes
 from effectd.daemon.requests import RequestHandlers, Waiter
 from effectd.daemon.retention import Retention
 from effectd.daemon.sdnotify import SystemdNotifier
-from effectd.daemon.worker import HEARTBEAT_LIVENESS
 from effectd.ipc import auth, codec
+from effectd.ipc.constants import EXIT_JOURNAL_LOST, HEARTBEAT_LIVENESS
 from effectd.ipc.dirs import RUNTIME_DIR, ensure_private_dir
 from effectd.ipc.endpoints import Endpoints, stream_hwm
 from effectd.ipc.errors import (
@@ -85,9 +85,6 @@ SHUTDOWN_OVERRUN = 15.0
 COMMIT_RETRY_DELAY = 1.0
 """After a failed commit, seconds before the daemon concludes its own kills again (workers re-send
 their reports every few seconds by themselves): retrying on every loop turn would spin."""
-EXIT_JOURNAL_LOST = 74
-"""EX_IOERR: the journal was deleted or replaced under us. Non-zero, so systemd's
-``Restart=on-failure`` starts a new daemon on whatever journal is at the path now."""
 
 
 def reported_time(value: Any, not_before: float) -> float | None:

@@ -29,15 +29,25 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from effectd.daemon import runners
+from effectd.daemon.kinds.base import READ_CHUNK, OutputChunk, Phase, Run
+from effectd.daemon.kinds.python import PythonRun
+from effectd.daemon.kinds.shell import ShellRun
+from effectd.daemon.kinds.sleep import SleepRun
+from effectd.daemon.kinds.spawn import ProgressFd
 from effectd.daemon.liveness import TURN_ALLOWANCE, HearingClock
-from effectd.daemon.output import DEFAULT_MAX_OUTPUT_BYTES, OutputWriter
-from effectd.daemon.proctree import become_subreaper, reap_orphan_zombies
-from effectd.daemon.runners import Chunk, Phase, PythonRun, Run, ShellRun, SleepRun
+from effectd.daemon.output import OutputWriter
+from effectd.daemon.proctree import DEFAULT_KILL_GRACE, become_subreaper, reap_orphan_zombies
 from effectd.ipc import auth, codec
+from effectd.ipc.constants import (
+    DEFAULT_MAX_OUTPUT_BYTES,
+    DEFAULT_ORPHAN_TIMEOUT,
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_LIVENESS,
+)
 from effectd.ipc.dirs import RUNTIME_DIR, pin_dir
 from effectd.ipc.endpoints import Endpoints, stream_hwm
 from effectd.ipc.errors import EffectdError, UnsafeDirectory
+from effectd.ipc.layout import effect_dir
 from effectd.ipc.schema import (
     DAEMON_TO_WORKER,
     PROTOCOL_VERSION,
@@ -48,22 +58,21 @@ from effectd.journal.outputs import claim_attempt
 
 log = logging.getLogger("effectd.worker")
 
-HEARTBEAT_INTERVAL = 1.0
-"""Seconds between heartbeats in each direction (any message counts as one)."""
-HEARTBEAT_LIVENESS = 3
-"""Silent intervals after which the peer is considered gone."""
-DEFAULT_ORPHAN_TIMEOUT = 300.0
 REAP_INTERVAL = 0.2
 """How often orphaned zombies (adopted as subreaper) are reaped."""
 UNACKED_RESEND = 5.0
 """Seconds after which completion reports the daemon has not acknowledged are sent again."""
 
 
-class Worker:
+class WorkerProcess:
+    """This worker process: its sockets to the daemon, the runs it hosts, and its poll loop."""
+
     def __init__(self, endpoints: Endpoints, outputs_root: Path, *, worker_id: str, slots: int,
                  orphan_timeout: float, kill_grace: float, heartbeat: float = HEARTBEAT_INTERVAL,
-                 key: bytes) -> None:
+                 key: bytes, progress_fd: ProgressFd | None = None) -> None:
         self.endpoints = endpoints
+        self.progress_fd = progress_fd or ProgressFd()
+        """fd 3 reserved at start (see effectd.daemon.kinds.spawn), lent to each shell run's spawn."""
         self.key = key
         self.outputs_root = outputs_root
         self.worker_id = worker_id
@@ -174,7 +183,7 @@ class Worker:
             "finished": list(self.unacked.values()),
         })
 
-    def publish(self, effect_id: str, attempt: int, chunks: list[Chunk]) -> None:
+    def publish(self, effect_id: str, attempt: int, chunks: list[OutputChunk]) -> None:
         topic = effect_id.encode()
         for c in chunks:
             with contextlib.suppress(zmq.Again):
@@ -204,7 +213,7 @@ class Worker:
         stream = self._capture[fd]
         while True:
             try:
-                data = os.read(fd, runners.READ_CHUNK)
+                data = os.read(fd, READ_CHUNK)
             except BlockingIOError:
                 return
             if not data:
@@ -288,7 +297,7 @@ class Worker:
         # The claim comes before anything runs, so after a crash "no claim" proves "never
         # started" and a recovering daemon may re-queue the attempt (at-most-once).
         try:
-            claim_attempt(self.outputs_root / effect_id, attempt, f"{self.worker_id} {os.getpid()}")
+            claim_attempt(effect_dir(self.outputs_root, effect_id), attempt, f"{self.worker_id} {os.getpid()}")
         except FileExistsError:
             log.warning("refusing assignment of %s attempt %d: already claimed or voided (a stale or "
                         "duplicate assignment)", effect_id, attempt)
@@ -296,15 +305,15 @@ class Worker:
         except OSError as exc:
             self._refuse(effect_id, attempt, exc)
             return
-        writer = OutputWriter(self.outputs_root / effect_id,
+        writer = OutputWriter(effect_dir(self.outputs_root, effect_id),
                               int(spec.get("max_output_bytes") or DEFAULT_MAX_OUTPUT_BYTES))
         common: dict[str, Any] = {"kill_grace": self.kill_grace}
         run: Run
         kind = spec["kind"]
         if kind == "shell":
-            source = self.outputs_root / spec["stdin_from"] if spec.get("stdin_from") else None
+            source = effect_dir(self.outputs_root, spec["stdin_from"]) if spec.get("stdin_from") else None
             run = ShellRun(effect_id, attempt, spec, writer, base_env=self.base_env, stdin_source=source,
-                           **common)
+                           progress_fd=self.progress_fd, **common)
             run.sibling_pids = self._main_pids
         elif kind == "python":
             run = PythonRun(effect_id, attempt, spec, writer, wake=self._wake, **common)
@@ -328,7 +337,7 @@ class Worker:
 
     # ---- loop -----------------------------------------------------------------------------
 
-    def _after_run_step(self, run: Run, chunks: list[Chunk]) -> None:
+    def _after_run_step(self, run: Run, chunks: list[OutputChunk]) -> None:
         if chunks:
             self.publish(run.effect_id, run.attempt, chunks)
         while run.progress:
@@ -476,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--slots", type=int, default=32)
     parser.add_argument("--orphan-timeout", type=float, default=DEFAULT_ORPHAN_TIMEOUT)
-    parser.add_argument("--kill-grace", type=float, default=5.0)
+    parser.add_argument("--kill-grace", type=float, default=DEFAULT_KILL_GRACE)
     parser.add_argument("--heartbeat", type=float, default=HEARTBEAT_INTERVAL)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--key-fd", type=int, required=True,
@@ -487,12 +496,12 @@ def main(argv: list[str] | None = None) -> int:
     # Our session is our own (the daemon started us with start_new_session): a Ctrl-C in the
     # daemon's terminal or a daemon crash does not reach us. SIGTERM ends us after killing effects.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    runners.reserve_progress_fd()  # before zmq opens descriptors
+    progress_fd = ProgressFd.reserve()  # before zmq opens descriptors
     try:
-        worker = Worker(Endpoints.for_runtime(args.runtime_dir), args.outputs,
+        worker = WorkerProcess(Endpoints.for_runtime(args.runtime_dir), args.outputs,
                         worker_id=args.worker_id or f"w{os.getpid()}-{uuid.uuid4().hex[:6]}",
                         slots=args.slots, orphan_timeout=args.orphan_timeout, kill_grace=args.kill_grace,
-                        heartbeat=args.heartbeat, key=key)
+                        heartbeat=args.heartbeat, key=key, progress_fd=progress_fd)
     except UnsafeDirectory as exc:
         log.error("%s", exc.message)
         return 1

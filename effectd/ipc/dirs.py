@@ -10,7 +10,6 @@ at the path by another user (``/tmp/effectd-<uid>`` is in a world-writable dir) 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import stat
@@ -19,6 +18,7 @@ from typing import Any
 
 from effectd.ipc.endpoints import LOCK_FILE, STATE_LOCK_FILE
 from effectd.ipc.errors import UnsafeDirectory
+from effectd.ipc.flock import lock_holder
 
 RUNTIME_DIR = "runtime dir"
 STATE_DIR = "state dir"
@@ -74,26 +74,6 @@ def _readlink(path: Path) -> str:
 
 
 # ---- locks ----------------------------------------------------------------------------------
-
-
-def lock_holder(path: Path) -> str | None:
-    """The text of lock file ``path`` if a process holds its flock, else None (a stale file or
-    none). Probes with a brief shared lock, which a starting daemon waits out."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as exc:
-        raise UnsafeDirectory(f"cannot open the lock {path}: {exc}") from exc
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return os.pread(fd, 4096, 0).decode(errors="replace")
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
 
 
 def holder_pid(text: str) -> int | None:

@@ -1,4 +1,4 @@
-"""Per-effect output files: ``<state>/outputs/<effect id>/{stdout,stderr,value}``.
+"""Per-effect output files (their layout: :mod:`effectd.ipc.layout`).
 
 Workers append to these files as their effects write (so output survives a daemon crash);
 the daemon only reads them, to serve ``read_output`` at any offset. The journal records sizes,
@@ -18,14 +18,12 @@ import os
 import shutil
 from pathlib import Path
 
+from effectd.ipc import layout
+from effectd.ipc.layout import claim_path, final_marker, stream_path
 from effectd.ipc.schema import OUTPUT_STREAMS
 
 VOID = b"void\n"
 """Content of a claim file created by a daemon: the attempt never started and never will."""
-
-
-def claim_path(effect_dir: Path, attempt: int) -> Path:
-    return effect_dir / f".claim-{attempt}"
 
 
 def claim_attempt(effect_dir: Path, attempt: int, owner: str) -> None:
@@ -45,12 +43,10 @@ class OutputStore:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def effect_dir(self, effect_id: str) -> Path:
-        return self.root / effect_id
+        return layout.effect_dir(self.root, effect_id)
 
     def path(self, effect_id: str, stream: str) -> Path:
-        if stream not in OUTPUT_STREAMS:
-            raise ValueError(f"not an output stream: {stream}")
-        return self.root / effect_id / stream
+        return stream_path(self.effect_dir(effect_id), stream)
 
     def size(self, effect_id: str, stream: str) -> int:
         try:
@@ -97,7 +93,7 @@ class OutputStore:
                 tmp.unlink()
 
     def final_marker(self, effect_id: str) -> Path:
-        return self.root / effect_id / "final"
+        return final_marker(self.effect_dir(effect_id))
 
     def mark_final(self, effect_id: str) -> None:
         """Tell readers tailing the files (``stdin_from`` consumers) that no more bytes come."""

@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 
 from effectd.daemon import proctree as pt
+from tests import proctools  # the repo root is on PYTHONPATH (tests/test_proctree.py child_env)
 
 popens: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -63,7 +64,7 @@ def handle(req: dict[str, Any]) -> dict[str, Any]:
             stdout=subprocess.DEVNULL,
         )
         popens[p.pid] = p
-        i = pt.identity_of(p.pid)
+        i = proctools.identity_of(p.pid)
         assert i is not None
         return {"root": [i.pid, i.create_time]}
     if op == "kill":
@@ -97,7 +98,7 @@ def handle(req: dict[str, Any]) -> dict[str, Any]:
         }
     if op == "kill_tree":
         t0 = time.monotonic()
-        ok = pt.kill_tree(
+        ok = proctools.kill_tree(
             req["effect"],
             ident(req.get("root")),
             req["grace"],
@@ -122,7 +123,7 @@ def handle(req: dict[str, Any]) -> dict[str, Any]:
         found = pt.effect_processes(req["effect"], ident(req.get("root")))
         return {"pids": [p.pid for p in found]}
     if op == "info":
-        return {"pid": os.getpid(), "subreaper": pt.is_subreaper()}
+        return {"pid": os.getpid(), "subreaper": proctools.is_subreaper()}
     raise ValueError(f"unknown op {op!r}")
 
 

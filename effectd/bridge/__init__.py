@@ -6,96 +6,26 @@ and per stream event from its stdout. The bridge is one :class:`~effectd.client.
 (autostarting the daemon unless ``--no-autostart``), so it inherits its timeouts, resends and
 exact streams.
 
-Requests and replies
---------------------
-A request is a JSON object on one line: ``{"id": <any JSON value>, "op": "<op>", ...fields}``.
-``op`` is a control op of the wire protocol (``hello submit submit_many status list wait result
-cancel read_output group_set groups gc shutdown``) with exactly the wire fields (see
-``effectd.ipc.schema.OPS``; ``v`` and ``rid`` are the bridge's business and refused), or one of
-the bridge's own ops ``subscribe`` and ``unsubscribe``. The reply carries the same ``id``::
-
-    {"id": 7, "ok": true, ...the wire reply's fields}
-    {"id": 7, "ok": false, "error": {"code": "not_found", "message": "no effect with id ..."}}
-
-* Error codes are the wire codes (``bad_request unknown_op too_large unsupported_version
-  not_found invalid_state unavailable queue_full disk_full too_many_waits internal``), plus
-  ``cancelled`` for a request cut short because the bridge is stopping (signal).
-  ``unavailable`` also means no daemon answered within the client's timeouts.
-* A line that is not a JSON object, not UTF-8, or has no string ``op`` is answered with
-  ``{"id": null, "ok": false, "error": {"code": "bad_request", ...}}`` (with the request's
-  ``id`` when one could be read); a line longer than :data:`MAX_LINE_BYTES` with
-  ``too_large``. The bridge keeps running. Blank lines are ignored.
-* Requests run concurrently: replies come in completion order, not request order (a parked
-  ``wait`` does not hold up later lines). Match them by ``id``. At most :data:`MAX_IN_FLIGHT`
-  requests run at once; beyond that the bridge stops reading stdin until one finishes.
-* ``submit``/``submit_many`` without ``request_key`` get a fresh one, so the client's resends
-  are idempotent. Effect specs are passed as given: a shell effect without ``cwd``/``env``
-  gets the daemon's (unlike the Python helpers, which send the caller's).
-* ``id`` is always the request id. The wire ops that name one effect ``id`` (``result``,
-  ``read_output``) take it as ``effect`` over the bridge, and a wire reply's own ``id`` field
-  (``submit``, ``read_output``: the effect id) comes back as ``effect``. ``hello``'s reply
-  also has ``bridge: {protocol, pid, ops}``.
-* ``wait`` is answered when the daemon answers (``timeout`` defaults to 30 s, at most 3600).
-* Bytes are never written raw. ``read_output`` replies carry ``data`` as text plus
-  ``"encoding": "utf-8"`` when the bytes are valid UTF-8, else base64 with
-  ``"encoding": "base64"``. Bytes nested anywhere else (a python effect's ``result`` or
-  ``args``) become ``{"data": ..., "encoding": ...}`` objects. Non-finite floats become the
-  strings ``"nan"``, ``"inf"``, ``"-inf"``. Output is ASCII-only JSON (``\\uXXXX`` escapes).
-
-Subscriptions
--------------
-``{"id": S, "op": "subscribe", "effect": ID, "streams": ["stdout", "stderr"], "from_offset": 0}``
-(``streams`` any of ``stdout stderr value``, default ``["stdout", "stderr"]``; ``from_offset``
-default 0; ``id`` required and not already an active subscription) is acknowledged at once with
-``{"id": S, "ok": true, "subscription": S}``. Then come events tagged with ``subscription: S``::
-
-    {"event": "chunk", "subscription": S, "effect": ID, "stream": "stdout", "offset": 0,
-     "data": "1\\n2\\n", "encoding": "utf-8"}
-    {"event": "end", "subscription": S, "effect": ID, "cause": "final", "state": "succeeded",
-     "exit_code": 0, "signal": null}
-
-Chunks are exact: per stream, every byte from ``from_offset`` exactly once and in order (each
-chunk's ``offset`` equals the previous chunk's ``offset`` plus its byte length), replayed from
-the store and then live, with gaps filled from the store. Decode each chunk's ``data`` per its
-own ``encoding`` *before* concatenating: a chunk boundary may split a UTF-8 character, and such
-a chunk is sent as base64. Every acknowledged subscription ends with exactly one ``end`` event,
-its last event, whose ``cause`` is ``final`` (the effect is final and everything was sent;
-``state``/``exit_code``/``signal`` are its outcome), ``unsubscribed``, ``error`` (with an
-``error`` object, e.g. ``not_found`` for an unknown effect) or ``closed`` (the bridge stopped).
-``{"id": U, "op": "unsubscribe", "subscription": S}`` ends subscription S: its ``end`` event
-(``cause: "unsubscribed"``) is written before the reply ``{"id": U, "ok": true,
-"subscription": S}``; ``not_found`` if S is not active (it may just have ended).
-
-Stdout, stderr, exit
---------------------
-stdout carries nothing but these lines (each a complete JSON object followed by ``\\n``, never
-interleaved). The command moves file descriptor 1 to stderr for everything else, and logs to
-stderr (``--log-level``). Writes to stdout block: a parent must read stdout while it writes
-stdin (a bridge whose stdout pipe is full stops reading stdin).
-
-When stdin reaches EOF the bridge stops reading, **finishes** the requests in flight (their
-replies are written; each is bounded by its timeout), then gives open subscriptions up to
-``--eof-grace`` seconds (default 5) to end by themselves, ends the rest (``cause: "closed"``)
-and exits 0. So ``printf '<subscribe>\\n<wait>\\n' | effectctl bridge --stdio`` gets the whole
-stream. On SIGINT/SIGTERM it cancels everything at once (requests are answered ``cancelled``,
-subscriptions end ``closed``) and exits 128+signal. If its stdout is closed, it cancels
-everything and exits 1.
+What goes over the bridge - requests and replies, error codes, bytes, subscriptions and their
+events, concurrency, stdout, EOF, signals and exit codes - is specified in one place:
+docs/protocol.md section 14, "The JSON-lines stdio bridge". The limits it names are the
+constants below (:data:`MAX_LINE_BYTES`, :data:`MAX_IN_FLIGHT`, :data:`DEFAULT_EOF_GRACE`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import os
 import signal
-import stat
 import sys
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
 import click
+
+from effectd.bridge.lines import MAX_LINE_BYTES, line_writer, protocol_streams, read_lines
 
 if TYPE_CHECKING:
     import asyncio
@@ -113,12 +43,9 @@ def _log() -> logging.Logger:
     return logging.getLogger("effectd.bridge")
 
 BRIDGE_PROTOCOL = 1
-MAX_LINE_BYTES = 16 * 1024 * 1024
-"""Longest request line accepted (the daemon's own request limit)."""
 MAX_IN_FLIGHT = 1000
 """Requests running at once; beyond that stdin is not read until one finishes."""
 DEFAULT_EOF_GRACE = 5.0
-READ_SIZE = 64 * 1024
 DEFAULT_WAIT_TIMEOUT = 30.0
 BRIDGE_OPS = ("subscribe", "unsubscribe")
 DEFAULT_STREAMS = ("stdout", "stderr")
@@ -440,103 +367,6 @@ async def _first(awaitables: tuple[Any, ...]) -> None:
         t.result()
 
 
-# ---- stdin ----------------------------------------------------------------------------------
-
-
-def _pollable_fd(stream: IO[Any]) -> int | None:
-    """The fd of a pipe, socket or terminal (reads may block: poll them); None for files,
-    other devices (/dev/null) and in-memory streams (reads never block, and epoll refuses
-    files and most devices)."""
-    try:
-        fd = stream.fileno()
-        mode = os.fstat(fd).st_mode
-    except (OSError, ValueError, io.UnsupportedOperation):
-        return None
-    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd):
-        return fd
-    return None
-
-
-async def _read_chunks(stdin: IO[Any]) -> AsyncGenerator[bytes, None]:
-    """Bytes from ``stdin`` until EOF without blocking the loop: pipes, sockets and terminals
-    through the loop's reader; files and in-memory streams in a thread (they never block)."""
-    import asyncio
-
-    loop = asyncio.get_running_loop()
-    fd = _pollable_fd(stdin)
-    if fd is not None:
-        was_blocking = os.get_blocking(fd)
-        reader = asyncio.StreamReader(limit=READ_SIZE, loop=loop)
-        pipe = os.fdopen(os.dup(fd), "rb", buffering=0)
-        try:
-            transport, _ = await loop.connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(reader, loop=loop), pipe)
-        except (OSError, ValueError):  # e.g. /dev/null: epoll says EPERM
-            pipe.close()
-            os.set_blocking(fd, was_blocking)
-        else:
-            try:
-                while chunk := await reader.read(READ_SIZE):
-                    yield chunk
-            finally:
-                transport.close()
-                with contextlib.suppress(OSError):
-                    os.set_blocking(fd, was_blocking)  # O_NONBLOCK is shared with our parent
-            return
-    read: Callable[[int], Any] = getattr(stdin, "read1", None) or stdin.read
-    while True:
-        data = await asyncio.to_thread(read, READ_SIZE)
-        if not data:
-            return
-        yield data.encode() if isinstance(data, str) else bytes(data)
-
-
-async def read_lines(stdin: IO[Any], max_line: int = MAX_LINE_BYTES) -> AsyncGenerator[bytes | None, None]:
-    """Lines of ``stdin`` without their newline; None stands for a line longer than
-    ``max_line`` (its bytes are skipped). A last line without newline counts."""
-    buf = bytearray()
-    skipping = False
-    async with contextlib.aclosing(_read_chunks(stdin)) as chunks:
-        async for chunk in chunks:
-            start = 0
-            while True:
-                nl = chunk.find(b"\n", start)
-                piece = chunk[start:] if nl < 0 else chunk[start:nl]
-                if not skipping:
-                    buf += piece
-                    if len(buf) > max_line:
-                        buf.clear()
-                        skipping = True
-                        yield None
-                if nl < 0:
-                    break
-                if skipping:
-                    skipping = False
-                else:
-                    line = bytes(buf)
-                    buf.clear()
-                    yield line
-                start = nl + 1
-    if buf and not skipping:
-        yield bytes(buf)
-
-
-def line_writer(stdout: IO[Any]) -> Callable[[str], None]:
-    """Write-and-flush of whole lines to a text or binary stream."""
-    if isinstance(stdout, io.TextIOBase):
-        def write_text(line: str) -> None:
-            stdout.write(line)
-            stdout.flush()
-
-        return write_text
-
-    def write_bytes(line: str) -> None:
-        stdout.write(line.encode("ascii"))
-        stdout.flush()
-
-    return write_bytes
-
-
 # ---- entry points ---------------------------------------------------------------------------
 
 
@@ -576,32 +406,6 @@ async def run_bridge(stdin: IO[Any], stdout: IO[Any], client: AsyncClient | None
     finally:
         if own:
             await active.aclose()
-
-
-def _protocol_streams() -> tuple[IO[Any], IO[Any], Callable[[], None]]:
-    """Binary stdin, and a private stdout for protocol lines. When fd 1 is a real descriptor it
-    is duplicated for the protocol and fd 1 itself (and ``sys.stdout``) is pointed at stderr,
-    so nothing else in the process can write to the protocol stream."""
-    stdin = sys.stdin.buffer
-    try:
-        fd = sys.stdout.fileno()
-    except (OSError, ValueError, io.UnsupportedOperation):
-        return stdin, sys.stdout.buffer, lambda: None  # in-memory stdout (e.g. click's runner)
-    sys.stdout.flush()
-    proto = os.fdopen(os.dup(fd), "wb")
-    saved = os.dup(fd)
-    os.dup2(sys.stderr.fileno(), fd)
-    real_stdout = sys.stdout
-    sys.stdout = sys.stderr
-
-    def restore() -> None:
-        with contextlib.suppress(OSError, ValueError):
-            proto.close()
-        os.dup2(saved, fd)
-        os.close(saved)
-        sys.stdout = real_stdout
-
-    return stdin, proto, restore
 
 
 async def _serve(stdin: IO[Any], stdout: IO[Any], eof_grace: float, **client_options: Any) -> int:
@@ -657,7 +461,7 @@ def bridge(stdio: bool, timeout: float, retries: int, no_autostart: bool, eof_gr
 
     logging.basicConfig(stream=sys.stderr, level=log_level.upper(),
                         format="effectd.bridge: %(levelname)s %(name)s: %(message)s")
-    stdin, stdout, restore = _protocol_streams()
+    stdin, stdout, restore = protocol_streams()
     try:
         status = asyncio.run(_serve(stdin, stdout, eof_grace, autostart=not no_autostart,
                                     timeout=timeout, retries=retries))
@@ -670,6 +474,3 @@ def main() -> None:
     """``python -m effectd.bridge [--stdio] ...``"""
     bridge(prog_name="effectd.bridge")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,33 +1,30 @@
-"""How each kind of effect runs inside a worker: shell children, python calls, sleeps.
+"""A shell effect: a child process in its own session, its output on pipes, its exit via pidfd.
 
-A run never blocks the worker's loop: it exposes file descriptors to poll and a ``tick`` to call,
-returns output chunks for the worker to publish, and ends with a completion report.
+Everything it starts is killed when it ends (tree kill by marker, then whoever still holds its
+pipes); its exit status is collected only for its own pid, so a lost status is never a success.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import os
-import queue
-import resource
 import signal
 import subprocess
-import sys
-import threading
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import psutil
 
-from effectd.daemon.output import OutputWriter
+from effectd.daemon.kinds.base import READ_CHUNK, OutputChunk, Phase, Run
+from effectd.daemon.kinds.spawn import (
+    MAX_PROGRESS_LINE,
+    PROGRESS_CHILD_FD,
+    PROGRESS_ENV,
+    ProgressFd,
+    parse_progress_line,
+)
 from effectd.daemon.proctree import (
     EFFECT_MARKER_ENV,
     KILL_GIVE_UP,
@@ -37,148 +34,16 @@ from effectd.daemon.proctree import (
     collect_exit_status,
     own_children,
 )
-from effectd.ipc import codec
+from effectd.ipc.layout import final_marker, stream_path
 
-READ_CHUNK = 64 * 1024
-MAX_RESULT_BYTES = 16 * 1024 * 1024
 EXIT_STATUS_UNKNOWN = "exit_status_unknown"
 """Reason of a run that ends ``lost`` because its main process's exit status could not be
 collected (ECHILD): never reported as success."""
 LEFTOVER_GRACE = 1.0
 """Seconds a background process left behind by a finished shell effect gets between SIGTERM and
 SIGKILL: an effect ends when its main process exits, and nothing it started may outlive it."""
-
-
-@dataclass(frozen=True)
-class Chunk:
-    stream: str
-    offset: int
-    data: bytes
-
-
-class Phase(str, Enum):
-    RUNNING = "running"
-    KILLING = "killing"
-    DONE = "done"
-
-
-class Run:
-    """Common state of one attempt of one effect."""
-
-    def __init__(self, effect_id: str, attempt: int, spec: dict[str, Any], writer: OutputWriter,
-                 kill_grace: float) -> None:
-        self.effect_id = effect_id
-        self.attempt = attempt
-        self.spec = spec
-        self.writer = writer
-        self.kill_grace = kill_grace
-        self.started_at = time.time()
-        timeout = spec.get("timeout")
-        self.deadline = time.monotonic() + float(timeout) if timeout else None
-        self.phase = Phase.RUNNING
-        self.end_state: str | None = None   # set by cancel/timeout before the kill completes
-        self.end_reason: str | None = None
-        self.report: dict[str, Any] | None = None
-        self.pid: int | None = None
-        self.create_time: float | None = None
-        self.progress: list[tuple[float | None, str | None]] = []
-
-    def fds(self) -> list[int]:
-        return []
-
-    def on_readable(self, fd: int) -> list[Chunk]:
-        return []
-
-    def tick(self, now: float) -> list[Chunk]:
-        return []
-
-    def stop(self, state: str, reason: str) -> None:
-        raise NotImplementedError
-
-    def next_deadline(self) -> float | None:
-        return self.deadline
-
-    def running_report(self) -> dict[str, Any]:
-        return {"id": self.effect_id, "attempt": self.attempt, "pid": self.pid,
-                "create_time": self.create_time, "sizes": self.writer.sizes(), "started_at": self.started_at}
-
-    def _finish(self, state: str, **fields: Any) -> list[Chunk]:
-        chunks = [Chunk(s, off, data) for s, off, data in self.writer.finish()]
-        if state == "succeeded" and self.writer.write_error is not None:
-            # Output went missing (e.g. disk full): not a success anyone may build on.
-            state, fields["reason"] = "failed", self.writer.write_error
-        self.report = {
-            "id": self.effect_id, "attempt": self.attempt, "state": state,
-            "sizes": self.writer.sizes(), "truncated": self.writer.truncated(),
-            "started_at": self.started_at, "finished_at": time.time(), **fields,
-        }
-        self.phase = Phase.DONE
-        return chunks
-
-
-PROGRESS_CHILD_FD = 3
-_progress_slot = -1  # an fd holding /dev/null, kept to restore fd 3 after each spawn
-
-
-def reserve_progress_fd() -> bool:
-    """Called once at worker start, while fd 3 is still free: keep it reserved (on /dev/null)
-    so each spawn can point it at the effect's progress pipe in the parent and pass it with
-    ``pass_fds``. That avoids ``preexec_fn``, which forces a full fork and runs Python in the
-    child (about 3 ms per spawn). Shells such as dash cannot redirect to fds above 9."""
-    global _progress_slot
-    try:
-        os.fstat(PROGRESS_CHILD_FD)
-        return False  # already taken by something else: fall back to preexec_fn
-    except OSError:
-        pass
-    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    if devnull == PROGRESS_CHILD_FD:  # the lowest free fd: keep it, and a copy to restore from
-        _progress_slot = os.dup(devnull)
-    else:
-        os.dup2(devnull, PROGRESS_CHILD_FD, inheritable=False)
-        _progress_slot = devnull
-    return True
-
-
-def _child_setup(progress_fd: int | None, limits: dict[str, int] | None) -> Callable[[], None] | None:
-    """What must run in the child between fork and exec: the progress pipe onto fd 3 when fd 3
-    could not be reserved, and the effect's rlimits. None when there is nothing to do."""
-    if progress_fd is None and not limits:
-        return None
-    names = {"as": resource.RLIMIT_AS, "cpu": resource.RLIMIT_CPU, "nofile": resource.RLIMIT_NOFILE}
-
-    def apply() -> None:
-        if progress_fd is not None:
-            os.dup2(progress_fd, PROGRESS_CHILD_FD, inheritable=True)
-        for key, value in (limits or {}).items():
-            # CPU: the hard limit one second above the soft one, so the soft limit's SIGXCPU
-            # (a clear "cpu time limit") arrives before the hard limit's SIGKILL.
-            hard = value + 1 if key == "cpu" else value
-            resource.setrlimit(names[key], (value, hard))
-
-    return apply
-
-
-PROGRESS_ENV = "EFFECTD_PROGRESS_FD"
-"""Shell effects report progress by writing lines ``<fraction> <message>`` (fraction 0..1, or
-``-`` for none) to file descriptor 3, which this variable names: ``echo "0.5 halfway" >&3``."""
-MAX_PROGRESS_LINE = 4096
 STDIN_POLL = 0.02
 """While an effect's stdin is fed from another effect's growing output file, how often to look."""
-
-
-def parse_progress_line(line: bytes) -> tuple[float | None, str | None] | None:
-    text = line.decode("utf-8", errors="replace").strip()
-    if not text:
-        return None
-    head, _, rest = text.partition(" ")
-    try:
-        fraction: float | None = None if head == "-" else min(1.0, max(0.0, float(head)))
-    except ValueError:
-        return None, text[:MAX_PROGRESS_LINE]
-    if fraction is not None and fraction != fraction:  # NaN
-        fraction = None
-    return fraction, (rest[:MAX_PROGRESS_LINE] or None)
 
 
 class ShellRun(Run):
@@ -188,7 +53,7 @@ class ShellRun(Run):
     file as that grows (a durable pipe between effects); EOF once the source is final."""
 
     def __init__(self, *args: Any, base_env: dict[str, str], stdin_source: Path | None = None,
-                 **kwargs: Any) -> None:
+                 progress_fd: ProgressFd | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         spec = self.spec
         argv = spec["argv"] if "argv" in spec else ["/bin/sh", "-c", spec["command"]]
@@ -218,16 +83,11 @@ class ShellRun(Run):
         if stdin_source is not None:
             stdin_r, self._stdin_w = os.pipe2(os.O_CLOEXEC)
             os.set_blocking(self._stdin_w, False)
-        reserved = _progress_slot >= 0
         try:
-            if reserved:
-                os.dup2(progress_w, PROGRESS_CHILD_FD, inheritable=True)
-            self.proc = subprocess.Popen(
-                argv, cwd=spec.get("cwd"), env=env,
+            self.proc = (progress_fd or ProgressFd()).popen(
+                argv, progress_w, spec.get("rlimits"), cwd=spec.get("cwd"), env=env,
                 stdin=stdin_r if stdin_r >= 0 else subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                pass_fds=(PROGRESS_CHILD_FD,) if reserved else (progress_w, PROGRESS_CHILD_FD),
-                preexec_fn=_child_setup(None if reserved else progress_w, spec.get("rlimits")),
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             self.spawn_error = {"type": type(exc).__name__, "message": str(exc), "traceback": ""}
@@ -237,8 +97,6 @@ class ShellRun(Run):
             self._stdin_w = -1
             return
         finally:
-            if reserved:
-                os.dup2(_progress_slot, PROGRESS_CHILD_FD, inheritable=False)
             os.close(progress_w)
             if stdin_r >= 0:
                 os.close(stdin_r)
@@ -297,9 +155,9 @@ class ShellRun(Run):
             return
         try:
             if not self._stdin_buf:
-                final = (self._stdin_source / "final").exists()  # checked before reading: no lost tail
+                final = final_marker(self._stdin_source).exists()  # checked before reading: no lost tail
                 try:
-                    fd = os.open(self._stdin_source / "stdout", os.O_RDONLY)
+                    fd = os.open(stream_path(self._stdin_source, "stdout"), os.O_RDONLY)
                 except FileNotFoundError:
                     fd = -1
                 if fd >= 0:
@@ -324,8 +182,8 @@ class ShellRun(Run):
                 os.close(self._stdin_w)
                 self._stdin_w = -1
 
-    def _read(self, fd: int) -> list[Chunk]:
-        chunks: list[Chunk] = []
+    def _read(self, fd: int) -> list[OutputChunk]:
+        chunks: list[OutputChunk] = []
         name = self._pipes[fd]
         while True:
             try:
@@ -339,7 +197,7 @@ class ShellRun(Run):
                 return chunks
             offset, kept = self.writer.write(name, data)
             if kept:
-                chunks.append(Chunk(name, offset, kept))
+                chunks.append(OutputChunk(name, offset, kept))
             if len(data) < READ_CHUNK:
                 return chunks
 
@@ -355,7 +213,7 @@ class ShellRun(Run):
             else:
                 os.close(fd)
 
-    def on_readable(self, fd: int) -> list[Chunk]:
+    def on_readable(self, fd: int) -> list[OutputChunk]:
         if fd == self._pidfd:
             self._reap()
             return []
@@ -412,7 +270,7 @@ class ShellRun(Run):
         self.phase = Phase.KILLING
         self._kill = self._start_kill(self.identity, self.kill_grace)
 
-    def tick(self, now: float) -> list[Chunk]:
+    def tick(self, now: float) -> list[OutputChunk]:
         if self.phase is Phase.DONE:
             return []
         if self.spawn_error is not None:
@@ -427,7 +285,7 @@ class ShellRun(Run):
             self._stdin_w = -1
         if self.phase is Phase.RUNNING and self.deadline is not None and mono >= self.deadline:
             self.stop("timed_out", "timeout")
-        chunks: list[Chunk] = []
+        chunks: list[OutputChunk] = []
         self._advance_kills(mono)
         if self._collected and self._pipes:
             # Main process gone but a pipe is still open: a background process inherited it.
@@ -467,7 +325,7 @@ class ShellRun(Run):
                 # not come in time. Give it up (counted as leaked); the orphan reaper collects it.
                 self._mark_collected(None)
 
-    def _drive_holder_kill(self, mono: float) -> list[Chunk]:
+    def _drive_holder_kill(self, mono: float) -> list[OutputChunk]:
         """The tree is gone (or given up) and the pipes are still open: escaped processes hold
         them. Kill those we may, then close our ends whatever still holds them."""
         tree_kills = [k for k in (self._kill, self._leftover_kill) if k is not None]
@@ -479,7 +337,7 @@ class ShellRun(Run):
             self._holder_kill = PipeHolderKill(self._pipe_inodes, max([mono, *deadlines]), ignore=given_up)
         if not self._holder_kill.poll(mono):
             return []
-        chunks: list[Chunk] = []
+        chunks: list[OutputChunk] = []
         for fd in list(self._pipes):
             chunks += self._read(fd)
             if fd in self._pipes:
@@ -494,7 +352,7 @@ class ShellRun(Run):
             leaked += self._holder_kill.leaked
         return leaked
 
-    def _conclude(self) -> list[Chunk]:
+    def _conclude(self) -> list[OutputChunk]:
         status = self._exit_status
         if status is None:
             # Nobody can say how it ended; "succeeded" would be a guess.
@@ -517,191 +375,13 @@ class ShellRun(Run):
             return time.monotonic() + STDIN_POLL
         return self.deadline
 
-    def _finish(self, state: str, **fields: Any) -> list[Chunk]:
+    def _finish(self, state: str, **fields: Any) -> list[OutputChunk]:
         for fd in (self._stdin_w, self._progress_r):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._stdin_w = self._progress_r = -1
         return super()._finish(state, leaked_processes=self._leaked(), **fields)
-
-
-class SleepRun(Run):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.until = time.monotonic() + float(self.spec["seconds"])
-
-    def stop(self, state: str, reason: str) -> None:
-        if self.phase is Phase.RUNNING:
-            self.end_state, self.end_reason = state, reason
-            self.phase = Phase.KILLING
-
-    def tick(self, now: float) -> list[Chunk]:
-        mono = time.monotonic()
-        if self.phase is Phase.DONE:
-            return []
-        if self.phase is Phase.KILLING:
-            return self._finish(self.end_state or "cancelled", reason=self.end_reason)
-        if self.deadline is not None and mono >= self.deadline and self.deadline < self.until:
-            return self._finish("timed_out", reason="timeout")
-        if mono >= self.until:
-            return self._finish("succeeded", result=None)
-        return []
-
-    def next_deadline(self) -> float | None:
-        if self.phase is Phase.KILLING:
-            return time.monotonic()
-        return min(self.until, self.deadline) if self.deadline is not None else self.until
-
-
-# ---- python effects ---------------------------------------------------------------------------
-
-_progress_hook: Callable[[float | None, str | None], None] | None = None
-
-
-def report_progress(fraction: float | None, message: str | None) -> None:
-    """Called by ``effectd.progress`` inside a python effect."""
-    hook = _progress_hook
-    if hook is not None:
-        hook(fraction, message)
-
-
-def _error_info(exc: BaseException) -> dict[str, Any]:
-    cls = type(exc)
-    return {"type": f"{cls.__module__}.{cls.__qualname__}", "message": str(exc),
-            "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__))}
-
-
-def _resolve(target: str) -> Callable[..., Any]:
-    module_name, _, attr = target.partition(":")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"{target} is not callable")
-    return obj  # type: ignore[no-any-return]
-
-
-class PythonRun(Run):
-    """Calls ``module:function`` in a thread of the worker (the worker is exclusive to it).
-
-    Output printed by the function reaches the worker's stdout/stderr pipes, which the worker
-    routes here (``feed_output``). Yielded values become ``value`` chunks. The thread cannot be
-    interrupted, so cancel and timeout end the whole worker after the report is delivered
-    (``poisons_worker``)."""
-
-    def __init__(self, *args: Any, wake: Callable[[], None], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.pid = os.getpid()
-        self.events: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1024)
-        self._wake = wake
-        self.poisons_worker = False
-        self._thread = threading.Thread(target=self._main, name=f"effect-{self.effect_id}", daemon=True)
-        self._thread.start()
-
-    def _put(self, item: tuple[str, Any]) -> None:
-        self.events.put(item)  # blocks a fast generator when the loop falls behind: backpressure
-        self._wake()
-
-    def _main(self) -> None:
-        global _progress_hook
-        spec = self.spec
-        cwd = spec.get("cwd")
-        def hook(fraction: float | None, message: str | None) -> None:
-            self._put(("progress", (fraction, message)))
-
-        _progress_hook = hook
-        os.environ[EFFECT_MARKER_ENV] = self.effect_id
-        saved_cwd = os.getcwd()
-        added_path = bool(cwd) and cwd not in sys.path
-        try:
-            if cwd:
-                if added_path:
-                    sys.path.insert(0, cwd)
-                os.chdir(cwd)
-            func = _resolve(spec["target"])
-            value = func(*(spec.get("args") or []), **(spec.get("kwargs") or {}))
-            if inspect.isgenerator(value):
-                for item in value:
-                    self._put(("value", msgpack.packb(item, use_bin_type=True)))
-                value = None
-            packed = msgpack.packb(value, use_bin_type=True)
-            if len(packed) > MAX_RESULT_BYTES:
-                raise ValueError(f"result of {len(packed)} bytes exceeds {MAX_RESULT_BYTES}")
-            # The report must pass the daemon's decoder limits (string and container sizes,
-            # string map keys), or it would be refused and the effect never concluded.
-            codec.unpack(packed, max_bytes=MAX_RESULT_BYTES)
-            self._flush_stdio()  # printed output must be in the capture pipes before "done"
-            self._put(("done", value))
-        except BaseException as exc:  # everything the effect raises is its outcome
-            if isinstance(exc, TypeError) and "serializ" in str(exc):
-                exc = TypeError(f"the return value or a yielded value is not msgpack-serializable: {exc}")
-            self._flush_stdio()
-            self._put(("error", _error_info(exc)))
-        finally:
-            _progress_hook = None
-            os.environ.pop(EFFECT_MARKER_ENV, None)
-            with contextlib.suppress(OSError):
-                os.chdir(saved_cwd)  # the next effect of this worker starts where the worker was
-            if added_path and cwd:
-                with contextlib.suppress(ValueError):
-                    sys.path.remove(cwd)
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
-                sys.stderr.flush()
-
-    @staticmethod
-    def _flush_stdio() -> None:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-
-    def feed_output(self, stream: str, data: bytes) -> list[Chunk]:
-        offset, kept = self.writer.write(stream, data)
-        return [Chunk(stream, offset, kept)] if kept else []
-
-    def drain_events(self, before_finish: Callable[[], None] | None = None
-                     ) -> tuple[list[Chunk], list[tuple[float | None, str | None]]]:
-        """Apply what the effect's thread queued. ``before_finish`` runs once the outcome is
-        dequeued and before the run finishes: the thread flushed its stdio before queueing the
-        outcome, so that is when the capture pipes hold all of its output."""
-        chunks: list[Chunk] = []
-        progress: list[tuple[float | None, str | None]] = []
-        while self.phase is Phase.RUNNING:
-            try:
-                kind, payload = self.events.get_nowait()
-            except queue.Empty:
-                break
-            if kind == "value":
-                offset, kept = self.writer.write_value(payload)
-                if kept:
-                    chunks.append(Chunk("value", offset, kept))
-            elif kind == "progress":
-                self.progress.append(payload)
-            elif kind == "done":
-                if before_finish is not None:
-                    before_finish()
-                chunks += self._finish("succeeded", result=payload)
-            elif kind == "error":
-                if before_finish is not None:
-                    before_finish()
-                chunks += self._finish("failed", reason="exception", error=payload)
-        return chunks, progress
-
-    def stop(self, state: str, reason: str) -> None:
-        if self.phase is Phase.RUNNING:
-            self.end_state, self.end_reason = state, reason
-            self.phase = Phase.KILLING
-
-    def tick(self, now: float) -> list[Chunk]:
-        if self.phase is Phase.RUNNING and self.deadline is not None and time.monotonic() >= self.deadline:
-            self.stop("timed_out", "timeout")
-        if self.phase is Phase.KILLING:
-            # Kill what the function started (it inherited the marker), then give up the worker.
-            TreeKill(self.effect_id, None, grace=0.0).start()
-            self.poisons_worker = True
-            return self._finish(self.end_state or "cancelled", reason=self.end_reason)
-        return []
 
 
 _LIMIT_SIGNALS: dict[int, str] = {int(signal.SIGXCPU): " (cpu time limit)",
