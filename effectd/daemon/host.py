@@ -41,7 +41,6 @@ class Host(Protocol):
     retention: Retention
     ids: UlidGenerator
     waits: WaitTable
-    crashes: CrashBackoff
     hearing: HearingClock
     instance: str
     started: float
@@ -53,6 +52,9 @@ class Host(Protocol):
 
     @property
     def intake(self) -> Admissions: ...
+
+    @property
+    def crashes(self) -> CrashBackoff: ...
 
     def reply(self, ident: bytes, request_id: Any, fields: dict[str, Any], durable: bool = True) -> None: ...
 

@@ -20,40 +20,26 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
 from effectd.daemon.config import DaemonConfig
-from effectd.daemon.core import NEVER_STARTED, Effect, Limits, Scheduler, Worker, WorkerState
+from effectd.daemon.core import Effect, Limits, Scheduler, WorkerState
 from effectd.daemon.ids import UlidGenerator
 from effectd.daemon.intake import Intake, forget_interrupted
 from effectd.daemon.liveness import TURN_ALLOWANCE, HearingClock
 from effectd.daemon.lock import AlreadyRunning, RuntimeLock, StateLock
 from effectd.daemon.outbox import Outbox
-from effectd.daemon.policy import (
-    CRASH_WINDOW,
-    Adoption,
-    CrashBackoff,
-    Loss,
-    RecyclePolicy,
-    Throttle,
-    Unclaimed,
-    loss_outcome,
-    reported_outcome,
-    reported_time,
-    silence_verdict,
-)
+from effectd.daemon.policy import CrashBackoff, Loss, Throttle, loss_outcome
 from effectd.daemon.pool import WorkerProcesses
-from effectd.daemon.proctree import ProcessIdentity, TreeKill, effect_processes
 from effectd.daemon.requests import RequestHandlers
 from effectd.daemon.retention import Retention
 from effectd.daemon.sdnotify import SystemdNotifier
 from effectd.daemon.shutdown import SHUTDOWN_OVERRUN, DrainAction, Shutdown
 from effectd.daemon.sockets import MAX_BATCH, Sockets
+from effectd.daemon.supervisor import Supervisor
 from effectd.daemon.waits import WaitTable
-from effectd.daemon.worker import HEARTBEAT_LIVENESS
 from effectd.ipc import auth, codec
 from effectd.ipc.dirs import RUNTIME_DIR, ensure_private_dir
 from effectd.ipc.endpoints import Endpoints
@@ -66,18 +52,7 @@ from effectd.ipc.errors import (
     Unavailable,
     UnsafeDirectory,
 )
-from effectd.ipc.schema import (
-    OPS,
-    WORKER_TO_DAEMON,
-    EffectKind,
-    EffectState,
-    check_finish,
-    check_running_report,
-    event_header,
-    parse_request,
-    parse_worker_message,
-    request_id_of,
-)
+from effectd.ipc.schema import OPS, EffectState, event_header, parse_request, request_id_of
 from effectd.journal import Journal, OutputStore
 
 log = logging.getLogger("effectd.daemon")
@@ -92,16 +67,6 @@ their reports every few seconds by themselves): retrying on every loop turn woul
 EXIT_JOURNAL_LOST = 74
 """EX_IOERR: the journal was deleted or replaced under us. Non-zero, so systemd's
 ``Restart=on-failure`` starts a new daemon on whatever journal is at the path now."""
-
-
-@dataclass
-class PendingKill:
-    """An effect whose process tree is being killed before it is concluded."""
-
-    effect_id: str
-    kill: TreeKill
-    state: EffectState
-    reason: str
 
 
 def _matches_record(eff: Effect, rec: dict[str, Any]) -> bool:
@@ -125,31 +90,23 @@ class Daemon:
         self.endpoints = Endpoints.for_runtime(config.runtime_dir)
         self.sockets = Sockets(self.endpoints)
         self.outbox = Outbox(self.sockets)
-        self.pending_kills: dict[str, PendingKill] = {}
-        self.final_markers: list[str] = []
-        self.adoption = Adoption(config.adopt_grace)
         self.procs = WorkerProcesses(config)
         self.notifier = SystemdNotifier.from_environ()
         self.managed_by = "systemd" if self.notifier.enabled else os.environ.get("EFFECTD_STARTED_BY", "foreground")
         self.shutdown = Shutdown(config.drain_timeout, config.kill_grace)
-        self.crashes = CrashBackoff()
-        self.recycling = RecyclePolicy(config.worker_idle_timeout, config.max_effects_per_worker,
-                                       config.max_worker_rss)
-        # Reading /proc for every idle worker's RSS once per half heartbeat is enough.
-        self.rss_checks = Throttle(config.heartbeat / 2)
-        self.heartbeats = Throttle(config.heartbeat)
         self.runtime_checks = Throttle(RUNTIME_CHECK_INTERVAL)
         self.stop_requested = False
         self.ready_sent = False
         self.journal_lost: JournalLost | None = None
         self.exit_code = 0
-        self.conclude_not_before = 0.0
         self.hearing = HearingClock(min(TURN_ALLOWANCE, config.heartbeat))
         """Workers' ``last_seen`` is on this clock: time this loop could not listen is not silence."""
         self.worst_turn = 0.0
         self.journal: Journal
         self.outputs: OutputStore
         self.retention: Retention
+        self.supervisor: Supervisor
+        """Made once the journal is open (open_state)."""
         self.runtime_lock: RuntimeLock | None = None
         """Set by main once taken; watched so a vanished runtime dir is restored."""
         self.state_lock: StateLock | None = None
@@ -159,6 +116,13 @@ class Daemon:
     @property
     def draining(self) -> bool:
         return self.shutdown.draining
+
+    @property
+    def crashes(self) -> CrashBackoff:
+        return self.supervisor.crashes
+
+    def cancel_effect(self, eff: Effect, reason: str) -> None:
+        self.supervisor.cancel_effect(eff, reason)
 
     # ---- setup ----------------------------------------------------------------------------
 
@@ -172,6 +136,8 @@ class Daemon:
                                    cfg.retain_bytes, last_run=time.monotonic(),
                                    on_deleted=self.waits.effects_deleted)
         forget_interrupted(self.journal)
+        self.supervisor = Supervisor(cfg, self.sched, self.journal, self.outputs, self.outbox, self.waits, self.procs,
+                                     self.hearing, self.shutdown, self.instance, self.handlers.state_of)
         groups = self.journal.get_meta("group_limits") or {}
         self.sched.group_limits.update(groups)
 
@@ -227,10 +193,10 @@ class Daemon:
             eff = Effect.from_record(rec)
             self.sched.add(eff)
             if eff.state is EffectState.RUNNING:
-                self.adoption.expect(eff.id)
+                self.supervisor.adoption.expect(eff.id)
         if self.sched.effects:
             log.info("recovered %d queued and %d running effects", len(self.sched.queued()),
-                     len(self.adoption))
+                     len(self.supervisor.adoption))
 
     # ---- outbox (sent after the commit) ---------------------------------------------------
 
@@ -240,12 +206,6 @@ class Daemon:
     def reply_error(self, ident: bytes, request_id: Any, exc: EffectdError) -> None:
         self.outbox.reply_error(ident, request_id, exc)
 
-    def to_worker(self, worker_id: str, msg: dict[str, Any], durable: bool = True) -> None:
-        self.outbox.to_worker(worker_id, msg, durable)
-
-    def publish_event(self, effect_id: str, event: str, **fields: Any) -> None:
-        self.outbox.publish_event(effect_id, event, **fields)
-
     def flush(self) -> None:
         """Commit the batch, then send. If the commit fails, nothing that needed it is sent."""
         try:
@@ -253,13 +213,13 @@ class Daemon:
         except DiskFull as exc:
             log.error("journal commit failed, refusing this batch: %s", exc)
             self._after_failed_commit(exc)
-            self.final_markers = []
+            self.supervisor.final_markers = []
         except JournalLost as exc:
             self.lose_journal(exc)
-        for eid in self.final_markers:  # only once the final state is durable
+        for eid in self.supervisor.final_markers:  # only once the final state is durable
             with contextlib.suppress(OSError):
                 self.outputs.mark_final(eid)
-        self.final_markers = []
+        self.supervisor.final_markers = []
         self.handlers.credits.turn_flushed()
         self.outbox.send_all()
 
@@ -269,14 +229,14 @@ class Daemon:
         log.critical("%s; refusing this batch and exiting (status %d) so that a new daemon starts on the "
                      "journal now at that path", exc, EXIT_JOURNAL_LOST)
         self._after_failed_commit(exc)
-        self.final_markers = []
+        self.supervisor.final_markers = []
         self.journal_lost = exc
         self.exit_code = EXIT_JOURNAL_LOST
         self.stop_requested = True
 
     def _after_failed_commit(self, exc: Unavailable) -> None:
         self.outbox.refuse_durable(exc)
-        self.conclude_not_before = time.monotonic() + COMMIT_RETRY_DELAY
+        self.supervisor.conclude_not_before = time.monotonic() + COMMIT_RETRY_DELAY
         self._resync_with_journal()
 
     def _resync_with_journal(self) -> None:
@@ -299,19 +259,8 @@ class Daemon:
             self.sched.add(restored)
             if eff is not None:
                 restored.seq = eff.seq  # keeps its place in the queue
-            self._supervise_restored(restored)
+            self.supervisor.supervise_restored(restored)
         self.sched.reindex_backoffs()
-
-    def _supervise_restored(self, eff: Effect) -> None:
-        if eff.state is not EffectState.RUNNING or eff.id in self.pending_kills or eff.id in self.adoption:
-            return
-        worker = self.sched.workers.get(eff.worker or "")
-        if worker is not None and worker.state is not WorkerState.DEAD:
-            worker.effects.add(eff.id)
-            if eff.kind is EffectKind.PYTHON:
-                worker.python_effect = eff.id
-            return
-        self.kill_then_conclude(eff, *loss_outcome(Loss.WORKER_LOST, eff.cancel_requested))
 
     def _journaled(self, step: Callable[..., Any], *args: Any) -> None:
         """Run a loop step whose journal writes may fail mid-way (disk full): then the whole batch
@@ -322,7 +271,7 @@ class Daemon:
             log.error("journal write failed, refusing this batch: %s", exc)
             self.journal.rollback()
             self._after_failed_commit(exc)
-            self.final_markers = []
+            self.supervisor.final_markers = []
 
     # ---- control requests -----------------------------------------------------------------
 
@@ -370,229 +319,20 @@ class Daemon:
         if fields is not None:
             self.reply(ident, req.id, fields, durable=OPS[req.op].mutating or req.op == "wait")
 
-    # ---- effects --------------------------------------------------------------------------
-
-    def conclude(self, eff: Effect, state: EffectState, *, reason: str | None = None,
-                 fields: dict[str, Any] | None = None, finished_at: float | None = None) -> None:
-        final = self.sched.conclude(eff, state, time.time(), reason=reason, fields=fields,
-                                    finished_at=finished_at)
-        self.adoption.settled(eff.id)
-        if final:
-            # The one place a final state is written; the journal refuses a second one.
-            if not self.journal.put_final(eff.to_record()):
-                log.error("refused to record effect %s as %s: the journal already holds a final state "
-                          "for it (a final state never changes)", eff.id, eff.state.value)
-                self.waits.effect_final(eff.id)
-                return
-            self.final_markers.append(eff.id)
-            self.waits.effect_final(eff.id)
-            self.publish_event(eff.id, "finished", state=eff.state.value, attempt=eff.attempt,
-                               sizes=self.outputs.sizes(eff.id))
-        else:
-            self.journal.put_effect(eff.to_record(), "retry_scheduled",
-                                    {"after_state": state.value, "not_before": eff.not_before})
-
-    def cancel_effect(self, eff: Effect, reason: str) -> None:
-        if eff.state is EffectState.QUEUED:
-            eff.cancel_requested = reason
-            self.conclude(eff, EffectState.CANCELLED, reason=reason)
-        elif eff.state is EffectState.RUNNING and eff.cancel_requested is None:
-            eff.cancel_requested = reason
-            self.journal.put_effect(eff.to_record(), "cancel_requested", {"reason": reason})
-            if eff.id in self.adoption:  # no worker to ask (yet): cancelled by the kill itself
-                self.kill_then_conclude(eff, EffectState.CANCELLED, reason)
-            elif eff.worker:
-                self.to_worker(eff.worker, {"t": "cancel", "id": eff.id, "reason": reason}, durable=False)
-
-    def unclaimed_after_crash(self, eff: Effect) -> None:
-        """No worker claimed a recovered running effect within the adopt grace. At most once:
-        only an attempt with no evidence of ever starting (no journaled start, its claim file
-        voided by us before any worker made it, no process carrying its marker) runs again;
-        anything that may have started is killed and concluded lost."""
-        never_started = (eff.pid is None and self.outputs.void_attempt(eff.id, eff.attempt)
-                         and not effect_processes(eff.id))
-        if Adoption.verdict(never_started) is Unclaimed.REQUEUE:
-            log.info("effect %s attempt %d never started before the crash: queued again", eff.id, eff.attempt)
-            attempt = eff.attempt
-            self.sched.requeue_unstarted(eff, time.time())
-            self.journal.put_effect(eff.to_record(), "requeued", {"attempt": attempt, "reason": NEVER_STARTED})
-            return
-        log.warning("effect %s was not re-adopted within %.0fs", eff.id, self.config.adopt_grace)
-        self.kill_then_conclude(eff, *loss_outcome(Loss.DAEMON_CRASHED, eff.cancel_requested))
-
-    def kill_then_conclude(self, eff: Effect, state: EffectState, reason: str) -> None:
-        """For effects no live worker supervises: kill their tree here, conclude when it is gone."""
-        if eff.id in self.pending_kills:
-            return
-        self.adoption.settled(eff.id)
-        root = ProcessIdentity(eff.pid, eff.create_time) if eff.pid and eff.create_time else None
-        kill = TreeKill(eff.id, root, grace=self.config.kill_grace)
-        kill.start()
-        self.pending_kills[eff.id] = PendingKill(eff.id, kill, state, reason)
-
-    # ---- workers --------------------------------------------------------------------------
-
-    def on_worker(self, frames: list[bytes]) -> None:
-        if len(frames) != 2:
-            return
-        wid = frames[0].decode(errors="replace")
-        try:
-            kind, msg = parse_worker_message(codec.unpack(frames[1], max_bytes=codec.MAX_WORKER_MESSAGE_BYTES),
-                                             WORKER_TO_DAEMON)
-        except EffectdError as exc:
-            log.warning("bad message from worker %s: %s", wid, exc)
-            return
-        worker = self.sched.workers.get(wid)
-        if kind == "ready":
-            self.worker_ready(wid, msg)
-            return
-        if worker is None or worker.state is WorkerState.DEAD:
-            self.outbox.send_worker(frames[0], codec.pack({"t": "reset"}))
-            return
-        worker.last_seen = self.hearing.now()
-        if kind == "hb":
-            worker.effects_done = msg.get("effects_done") or worker.effects_done
-        elif kind == "started":
-            eff = self.sched.effects.get(msg["id"])
-            if eff is not None and eff.attempt == msg["attempt"] and eff.state is EffectState.RUNNING:
-                if eff.id in self.adoption and eff.id not in self.pending_kills:
-                    # An assignment of the previous daemon that this worker read only now: it
-                    # claims the effect, which is as good as re-adoption.
-                    self.claimed_by(eff, worker)
-                eff.pid, eff.create_time = msg.get("pid"), msg.get("create_time")
-                eff.started_at = reported_time(msg.get("started_at"), eff.submitted_at, time.time()) or eff.started_at
-                self.journal.put_effect(eff.to_record(), "started", {"pid": eff.pid})
-        elif kind == "finished":
-            self.effect_finished(wid, msg)
-        elif kind == "progress":
-            eff = self.sched.effects.get(msg["id"])
-            if eff is not None:
-                eff.progress = {"fraction": msg.get("fraction"), "message": msg.get("message"),
-                                "time": time.time()}
-                self.publish_event(eff.id, "progress", fraction=msg.get("fraction"),
-                                   message=msg.get("message"), time=time.time())
-        elif kind == "bye":
-            worker.state = WorkerState.STOPPING  # takes no new work; reaped when it exits
-
-    def worker_ready(self, wid: str, msg: dict[str, Any]) -> None:
-        worker = self.sched.workers.get(wid)
-        if worker is None or worker.state is WorkerState.DEAD:
-            worker = Worker(id=wid, pid=msg["pid"], spawned_by_us=wid in self.procs.children)
-            if not worker.spawned_by_us:
-                self.procs.adopted_pids[wid] = msg["pid"]
-                log.info("worker %s (pid %d) of an earlier daemon reconnected", wid, msg["pid"])
-            self.sched.add_worker(worker)
-        if worker.state is WorkerState.STARTING:
-            worker.state = WorkerState.READY
-        worker.pid = msg["pid"]
-        worker.slots = msg["slots"]
-        worker.last_seen = self.hearing.now()
-        worker.idle_since = worker.idle_since or time.monotonic()
-        worker.effects_done = msg.get("effects_done") or 0
-        for report in msg.get("finished") or []:
-            with contextlib.suppress(EffectdError):
-                self.effect_finished(wid, check_finish(report))
-        for report in msg.get("running") or []:
-            try:
-                rep = check_running_report(report)
-            except EffectdError:
-                continue
-            eff = self.sched.effects.get(rep["id"])
-            if (eff is not None and eff.state is EffectState.RUNNING and eff.attempt == rep["attempt"]
-                    and eff.id not in self.pending_kills):
-                if eff.id in self.adoption or eff.worker != wid:
-                    eff.pid = rep.get("pid") or eff.pid
-                    eff.create_time = rep.get("create_time") or eff.create_time
-                    eff.started_at = (reported_time(rep.get("started_at"), eff.submitted_at, time.time())
-                                      or eff.started_at)
-                    self.claimed_by(eff, worker)
-                else:
-                    worker.effects.add(eff.id)
-                    if eff.kind is EffectKind.PYTHON:
-                        worker.python_effect = eff.id
-            else:
-                # Not ours to run (already final, or unknown to this journal): stop it.
-                self.to_worker(wid, {"t": "cancel", "id": rep["id"], "reason": "not_adopted"}, durable=False)
-        self.outbox.send_worker(wid.encode(), codec.pack({"t": "welcome", "instance": self.instance}))
-
-    def claimed_by(self, eff: Effect, worker: Worker) -> None:
-        """Re-adopt a recovered effect on the worker that reports running it."""
-        log.info("re-adopted effect %s on worker %s", eff.id, worker.id)
-        self.adoption.settled(eff.id)
-        eff.worker = worker.id
-        worker.effects.add(eff.id)
-        if eff.kind is EffectKind.PYTHON:
-            worker.python_effect = eff.id
-        self.journal.put_effect(eff.to_record(), "adopted", {"worker": worker.id})
-
-    def effect_finished(self, wid: str, rep: dict[str, Any]) -> None:
-        eff = self.sched.effects.get(rep["id"])
-        if eff is not None and eff.state is EffectState.RUNNING and eff.attempt == rep["attempt"]:
-            state, reason = reported_outcome(EffectState(rep["state"]), rep.get("reason"), eff.cancel_requested)
-            fields = {k: rep.get(k) for k in ("exit_code", "signal", "result", "error")}
-            fields["sizes"] = rep.get("sizes") or {}
-            fields["truncated"] = rep.get("truncated") or {}
-            fields["leaked_processes"] = rep.get("leaked_processes") or 0
-            self.pending_kills.pop(eff.id, None)
-            # The worker's own clock says when it ran: a report delivered after a daemon restart
-            # must not stretch the effect to the time of re-adoption.
-            wall = time.time()
-            eff.started_at = reported_time(rep.get("started_at"), eff.submitted_at, wall) or eff.started_at
-            self.conclude(eff, state, reason=reason, fields=fields,
-                          finished_at=reported_time(rep.get("finished_at"), eff.started_at or eff.submitted_at, wall))
-        # Duplicates and late reports never change a final state; always acknowledge them so the
-        # worker forgets the report.
-        self.to_worker(wid, {"t": "ack", "id": rep["id"], "attempt": rep["attempt"]})
-
-    def worker_lost(self, worker: Worker, why: str) -> None:
-        if worker.state is WorkerState.DEAD:
-            return
-        was_stopping = worker.state is WorkerState.STOPPING
-        worker.state = WorkerState.DEAD
-        self.procs.kill(worker.id, worker.pid)
-        self.procs.adopted_pids.pop(worker.id, None)
-        effects = self.sched.effects_of(worker)
-        if effects or not was_stopping:
-            log.warning("worker %s (pid %s) lost: %s; %d effect(s) affected", worker.id, worker.pid, why,
-                        len(effects))
-        if not was_stopping and not self.draining:
-            backoff = self.crashes.crashed()
-            if backoff:
-                log.warning("%d worker crashes in %.0fs: next worker start delayed %.1fs", self.crashes.recent(),
-                            CRASH_WINDOW, backoff)
-        for eff in effects:
-            self.kill_then_conclude(eff, *loss_outcome(Loss.WORKER_LOST, eff.cancel_requested))
-        worker.effects.clear()
-        worker.python_effect = None
-        del self.sched.workers[worker.id]
-
     # ---- periodic work --------------------------------------------------------------------
 
     def tick(self) -> None:
         now = time.monotonic()
         wall = time.time()
-        for wid, status in self.procs.reap():
-            worker = self.sched.workers.get(wid)
-            if worker is not None:
-                self.worker_lost(worker, f"exited with status {status}")
+        sup = self.supervisor
+        sup.reap()
         self.check_liveness()
-        if self.heartbeats.due(now):
-            for worker in self.sched.workers.values():
-                if worker.state in (WorkerState.READY, WorkerState.STOPPING):
-                    self.outbox.send_worker(worker.id.encode(), codec.pack({"t": "hb"}))
-        for eid in self.adoption.expired(now):
-            eff = self.sched.effects.get(eid)
-            if eff is not None:
-                self.unclaimed_after_crash(eff)
-        for eid, pk in list(self.pending_kills.items()):
-            if now >= self.conclude_not_before and pk.kill.poll(now):
-                del self.pending_kills[eid]
-                eff = self.sched.effects.get(eid)
-                if eff is not None and eff.state is EffectState.RUNNING:
-                    self.conclude(eff, pk.state, reason=pk.reason, fields={"sizes": self.outputs.sizes(eid)})
+        sup.send_heartbeats(now)
+        sup.judge_unclaimed(now)
+        sup.conclude_killed(now)
         if not self.draining:
-            self.schedule(wall, now)
-        self.maintain_pool(now)
+            sup.schedule(wall, now)
+        sup.maintain_pool(now)
         if self.retention.due(now) and not self.draining:
             self.retention.collect()
         self.handlers.answer_waits(now)
@@ -601,57 +341,18 @@ class Daemon:
             counts = self.sched.counts()
             self.notifier.status(f"{counts.get('running', 0)} running, {counts.get('queued', 0)} queued, "
                                  f"{len(self.sched.live_workers())} workers")
-        if not self.ready_sent and (self.ready_workers() >= self.config.min_workers or now - self.started > 10):
+        if not self.ready_sent and (sup.ready_workers() >= self.config.min_workers or now - self.started > 10):
             self.ready_sent = True
             self.notifier.ready()
         self.notifier.tick()
 
     def check_liveness(self) -> None:
-        """Declare lost the workers silent for ``HEARTBEAT_LIVENESS`` heartbeats of listening time.
-
-        What workers already sent is read first: during a long turn it queued unread, and a
+        """What workers already sent is read first: during a long turn it queued unread, and a
         worker must never be blamed for the loop's own silence. Silence is measured on the
         hearing clock, which stops while this process was stopped or stalled (liveness.py)."""
-        if not self._drain(self.sockets.workers, self.on_worker):
-            return  # more is queued than one batch: judge once it has been read
-        heard = self.hearing.now()
-        liveness = self.config.heartbeat * HEARTBEAT_LIVENESS
-        for worker in list(self.sched.workers.values()):
-            why = silence_verdict(worker, heard - worker.last_seen, liveness)
-            if why is not None:
-                self.worker_lost(worker, why)
-
-    def ready_workers(self) -> int:
-        return sum(1 for w in self.sched.workers.values() if w.state is WorkerState.READY)
-
-    def schedule(self, wall: float, now: float) -> None:
-        assignments, dep_failed, spawn = self.sched.plan(wall, self.handlers.state_of)
-        for eff in dep_failed:
-            self.conclude(eff, EffectState.CANCELLED, reason="dependency_failed")
-        for eff, worker in assignments:
-            with contextlib.suppress(OSError):  # if it fails, the worker reports spawn_failed
-                self.outputs.prepare(eff.id)
-            self.sched.start(eff, worker, wall)
-            self.journal.put_effect(eff.to_record(), "running", {"worker": worker.id, "attempt": eff.attempt})
-            self.to_worker(worker.id, {"t": "assign", "id": eff.id, "attempt": eff.attempt, "spec": eff.spec})
-            self.publish_event(eff.id, "started", state="running", attempt=eff.attempt, time=wall)
-        if spawn and self.crashes.may_spawn(now):
-            for _ in range(spawn):
-                wid, pid = self.procs.spawn()
-                self.sched.add_worker(Worker(id=wid, pid=pid, last_seen=self.hearing.now()))
-
-    def maintain_pool(self, now: float) -> None:
-        if self.draining:
-            return
-        rss = self.procs.rss if self.rss_checks.due(now) else None
-        idle = self.sched.idle_workers_to_retire(now, self.recycling.idle_timeout)
-        for worker, why in self.recycling.to_retire(idle, list(self.sched.workers.values()), rss):
-            self.retire(worker, why)
-
-    def retire(self, worker: Worker, why: str) -> None:
-        log.info("retiring worker %s (%s)", worker.id, why)
-        worker.state = WorkerState.STOPPING
-        self.to_worker(worker.id, {"t": "stop", "reason": why}, durable=False)
+        if self._drain(self.sockets.workers, self.supervisor.on_worker):
+            self.supervisor.judge_liveness()
+        # else more is queued than one batch: judge once it has been read
 
     # ---- shutdown -------------------------------------------------------------------------
 
@@ -664,9 +365,10 @@ class Daemon:
 
     def drive_shutdown(self, now: float) -> None:
         """Carry out the shutdown's phase (shutdown.py)."""
+        sup = self.supervisor
         running = self.sched.running()
         workers_left = bool(self.procs.children or self.procs.adopted_pids)
-        for action in self.shutdown.step(now, bool(running), bool(self.pending_kills), workers_left):
+        for action in self.shutdown.step(now, bool(running), bool(sup.pending_kills), workers_left):
             if action is DrainAction.ABANDON:
                 # Something cannot be concluded (e.g. the journal cannot be written): stop anyway;
                 # close() kills our workers, and the journal keeps what it has for the next start.
@@ -674,28 +376,19 @@ class Daemon:
                           SHUTDOWN_OVERRUN, len(running))
                 for w in self.sched.workers.values():
                     if w.state is not WorkerState.DEAD:
-                        self.to_worker(w.id, {"t": "stop", "reason": "daemon_stopped"}, durable=False)
+                        self.outbox.to_worker(w.id, {"t": "stop", "reason": "daemon_stopped"}, durable=False)
                 self.stop_requested = True
             elif action is DrainAction.INTERRUPT:
                 for eff in running:
                     eff.cancel_requested = None
-                    self.cancel_effect(eff, "daemon_stopped")
+                    sup.cancel_effect(eff, "daemon_stopped")
             elif action is DrainAction.KILL:  # workers did not report in time: kill here
                 for eff in running:
-                    self.kill_then_conclude(eff, *loss_outcome(Loss.DAEMON_STOPPED, eff.cancel_requested))
+                    sup.kill_then_conclude(eff, *loss_outcome(Loss.DAEMON_STOPPED, eff.cancel_requested))
             elif action is DrainAction.RETIRE_WORKERS:
-                self.retire_all()
+                sup.retire_all()
             elif action is DrainAction.STOP:
                 self.stop_requested = True  # workers that ignore stop are killed in close()
-
-    def retire_all(self) -> None:
-        for w in [w for w in self.sched.workers.values() if w.state is not WorkerState.DEAD]:
-            if w.state is WorkerState.STARTING:
-                # Not connected yet, so a 'stop' message cannot reach it; it holds no effects.
-                self.procs.kill(w.id, w.pid)
-                w.state = WorkerState.STOPPING
-            elif w.state is not WorkerState.STOPPING:
-                self.retire(w, "daemon_stopped")
 
     # ---- loop -----------------------------------------------------------------------------
 
@@ -706,7 +399,7 @@ class Daemon:
         now = time.monotonic()
         if len(self.waits):
             timeout = min(timeout, max(0.0, self.waits.next_deadline() - now))
-        if self.pending_kills or self.draining:
+        if self.supervisor.pending_kills or self.draining:
             timeout = min(timeout, 0.05)
         retry_at = self.sched.next_retry_at()
         if retry_at is not None:
@@ -731,7 +424,7 @@ class Daemon:
                 log.warning("the loop could not listen for %.1fs (stopped or stalled); workers' liveness "
                             "windows are extended by that much", deaf)
             if sockets.workers in events:
-                self._journaled(self._drain, sockets.workers, self.on_worker)
+                self._journaled(self._drain, sockets.workers, self.supervisor.on_worker)
             if sockets.control in events:
                 self._drain(sockets.control, self.on_control)
             if sockets.publish in events:
