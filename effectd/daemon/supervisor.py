@@ -63,6 +63,8 @@ class PendingKill:
 
 
 class Supervisor:
+    """Effects and workers of one daemon; given its collaborators explicitly, not the Daemon."""
+
     def __init__(self, config: DaemonConfig, sched: Scheduler, journal: Journal, outputs: OutputStore,
                  outbox: Outbox, waits: WaitTable, procs: WorkerProcesses, hearing: HearingClock,
                  shutdown: Shutdown, instance: str, state_of: Callable[[str], EffectState | None]) -> None:
@@ -109,7 +111,7 @@ class Supervisor:
             self.final_markers.append(eff.id)
             self.waits.effect_final(eff.id)
             self.outbox.publish_event(eff.id, "finished", state=eff.state.value, attempt=eff.attempt,
-                               sizes=self.outputs.sizes(eff.id))
+                                      sizes=self.outputs.sizes(eff.id))
         else:
             self.journal.put_effect(eff.to_record(), "retry_scheduled",
                                     {"after_state": state.value, "not_before": eff.not_before})
@@ -192,7 +194,7 @@ class Supervisor:
                 eff.progress = {"fraction": msg.get("fraction"), "message": msg.get("message"),
                                 "time": time.time()}
                 self.outbox.publish_event(eff.id, "progress", fraction=msg.get("fraction"),
-                                   message=msg.get("message"), time=time.time())
+                                          message=msg.get("message"), time=time.time())
         elif kind == "bye":
             worker.state = WorkerState.STOPPING  # takes no new work; reaped when it exits
 
