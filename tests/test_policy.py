@@ -305,3 +305,28 @@ def test_the_wait_table_is_bounded_and_empties_on_stop() -> None:
     assert len(table) == 0
     table.effect_final("a")  # no index left behind
     assert table.due(now=1000.0) == []
+
+
+# ---- the glue depends on the core, not the other way round -------------------------------------
+
+
+def test_handlers_and_core_modules_do_not_import_the_loop() -> None:
+    """requests.py and intake.py see the daemon through host.Host; the policy modules import
+    no I/O module at all (not even under TYPE_CHECKING)."""
+    import ast
+    import pathlib
+
+    daemon_dir = pathlib.Path(__file__).resolve().parent.parent / "effectd" / "daemon"
+    forbidden = {
+        "requests": {"server", "supervisor"},
+        "intake": {"server", "supervisor", "requests"},
+        "host": {"server", "supervisor", "requests", "intake"},
+        "policy": {"server", "supervisor", "pool", "proctree", "sockets", "outbox"},
+        "shutdown": {"server", "supervisor", "pool", "proctree", "sockets", "outbox"},
+        "waits": {"server", "supervisor", "pool", "proctree", "sockets", "outbox"},
+    }
+    for module, banned in forbidden.items():
+        tree = ast.parse((daemon_dir / f"{module}.py").read_text())
+        imported = {node.module.rsplit(".", 1)[-1] for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("effectd.daemon")}
+        assert not imported & banned, (module, imported & banned)
