@@ -30,14 +30,13 @@ import collections
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from effectd.daemon.core import Effect
+from effectd.daemon.host import Host
 from effectd.ipc.errors import DiskFull, EffectdError, InternalError, QueueFull, Unavailable
 from effectd.ipc.schema import Request, check_effect_spec
-
-if TYPE_CHECKING:
-    from effectd.daemon.server import Daemon
+from effectd.journal import Journal
 
 log = logging.getLogger("effectd.intake")
 
@@ -75,9 +74,19 @@ class Batch:
         del self.targets[:-MAX_REPLY_TARGETS]
 
 
+class Submissions(Protocol):
+    """How a specification becomes an effect, and what a request key was answered with
+    (``requests.RequestHandlers``; the same rules as a small submit)."""
+
+    def new_effect(self, spec: dict[str, Any], now: float) -> Effect: ...
+
+    def ids_for_key(self, request_key: str) -> list[str] | None: ...
+
+
 class Intake:
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    def __init__(self, host: Host, submissions: Submissions) -> None:
+        self.d = host
+        self.submissions = submissions
         self.batches: collections.deque[Batch] = collections.deque()
         self.by_key: dict[str, Batch] = {}
 
@@ -89,6 +98,10 @@ class Intake:
     def pending_effects(self) -> int:
         """Effects admitted but not yet in the scheduler (they count against --max-queued)."""
         return sum(len(b.specs) for b in self.batches)
+
+    def admitting(self, request_key: str | None) -> bool:
+        """Whether a batch with this request key is being taken in (a retry attaches to it)."""
+        return request_key is not None and request_key in self.by_key
 
     # ---- admission (in the request's turn) ------------------------------------------------
 
@@ -140,7 +153,7 @@ class Intake:
         return True
 
     def _validate(self, batch: Batch, deadline: float) -> None:
-        handlers = self.d.handlers
+        handlers = self.submissions
         now = time.time()
         while batch.pos < len(batch.specs) and time.monotonic() < deadline:
             end = min(batch.pos + SLICE, len(batch.specs))
@@ -175,7 +188,7 @@ class Intake:
     def _commit(self, batch: Batch) -> None:
         d = self.d
         if batch.key is not None:
-            known = d.handlers.ids_for_key(batch.key)
+            known = self.submissions.ids_for_key(batch.key)
             if known is not None:  # the same key was committed meanwhile (a small submit_many)
                 self._answer(batch, known)
                 return
@@ -217,9 +230,8 @@ class Intake:
             self._answer(self.batches[0], why)
 
 
-def forget_interrupted(daemon: Daemon) -> None:
+def forget_interrupted(journal: Journal) -> None:
     """At start: delete the label rows of batches a crash or a failed commit interrupted."""
-    journal = daemon.journal
     pending = journal.get_meta(PENDING_META) or {}
     if not pending:
         return

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from effectd import __version__
 from effectd.daemon.core import Effect
 from effectd.daemon.flow import ReadCredits, total_inflight
+from effectd.daemon.host import Host
 from effectd.daemon.intake import INLINE_BATCH
+from effectd.daemon.waits import Waiter, WaitOutcome
 from effectd.ipc import codec
 from effectd.ipc.codec import PackedArray
 from effectd.ipc.errors import (
@@ -24,7 +25,6 @@ from effectd.ipc.errors import (
     QueueFull,
     RequestKeyGone,
     TooLarge,
-    TooManyWaits,
     Unavailable,
 )
 from effectd.ipc.schema import (
@@ -38,26 +38,6 @@ from effectd.ipc.schema import (
     check_effect_spec,
 )
 
-if TYPE_CHECKING:
-    from effectd.daemon.server import Daemon
-
-
-@dataclass
-class Waiter:
-    """A parked ``wait``: answered when its effects are final, or at its deadline."""
-
-    ident: bytes
-    request_id: Any
-    ids: list[str]
-    first: bool
-    deadline: float
-    pending: set[str] = field(default_factory=set)  # ids not final yet
-
-    @property
-    def satisfied(self) -> bool:
-        return len(self.pending) < len(set(self.ids)) if self.first else not self.pending
-
-
 RECORDS_BUDGET = codec.MAX_REPLY_BYTES - 1024 * 1024
 """Encoded records per reply; the rest of the limit is for the envelope and ``done`` (10 000 ids)."""
 
@@ -66,11 +46,8 @@ RESULT_FIELDS = ("id", "state", "reason", "exit_code", "signal", "result", "erro
 
 
 class RequestHandlers:
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
-        self.waiters_by_effect: dict[str, list[Waiter]] = {}
-        """Every id of every parked wait (not only pending ones: gc deletes final effects)."""
-        self.ready_waiters: list[Waiter] = []
+    def __init__(self, host: Host) -> None:
+        self.d = host
         self.credits = ReadCredits(total_inflight())
 
     def dispatch(self, ident: bytes, req: Request) -> dict[str, Any] | None:
@@ -156,9 +133,9 @@ class RequestHandlers:
                  "effects_done": w.effects_done, "rss": w.rss}
                 for w in d.sched.live_workers()
             ],
-            "worker_crashes": d.worker_failures,
-            "worker_crashes_recent": d.recent_crashes(),
-            "spawn_backoff": max(0.0, d.spawn_not_before - time.monotonic()),
+            "worker_crashes": d.crashes.failures,
+            "worker_crashes_recent": d.crashes.recent(),
+            "spawn_backoff": d.crashes.remaining(),
             "draining": d.draining,
             "loop": {"worst_turn": round(d.worst_turn, 4), "deaf_seconds": round(d.hearing.deaf_total, 3)},
             "read_inflight": self.credits.inflight,
@@ -220,7 +197,7 @@ class RequestHandlers:
         """A small batch is taken in now; a big one over several loop turns (daemon/intake.py),
         answered once all of it is durable (None: the reply comes later)."""
         specs = req.args["effects"]  # the server parses requests with check_batch=False
-        if len(specs) > INLINE_BATCH or req.args["request_key"] in self.d.intake.by_key:
+        if len(specs) > INLINE_BATCH or self.d.intake.admitting(req.args["request_key"]):
             if self.d.draining:
                 raise Unavailable("the daemon is shutting down and accepts no new effects")
             self.d.intake.admit(ident, req)
@@ -267,55 +244,19 @@ class RequestHandlers:
         first = req.args["return_when"] == "first"
         if self._wait_done(ids, first) or req.args["timeout"] == 0:
             return self.wait_reply(ids, timed_out=not self._wait_done(ids, first))
-        if len(self.d.waiters) >= self.d.config.max_waits:
-            raise TooManyWaits(f"{len(self.d.waiters)} waits are parked (limit {self.d.config.max_waits})")
         pending = {i for i in ids if self.state_of(i) not in FINAL_STATES}
-        waiter = Waiter(ident, req.id, ids, first, time.monotonic() + req.args["timeout"], pending)
-        self.d.waiters.append(waiter)
-        for eid in set(ids):
-            self.waiters_by_effect.setdefault(eid, []).append(waiter)
+        self.d.waits.park(Waiter(ident, req.id, ids, first, time.monotonic() + req.args["timeout"], pending))
         return None
 
-    def effect_final(self, effect_id: str) -> None:
-        """Called when an effect's final state is journaled: wakes only the waits on it."""
-        for waiter in self.waiters_by_effect.get(effect_id, ()):
-            if effect_id in waiter.pending:
-                waiter.pending.discard(effect_id)
-                if waiter.satisfied:
-                    self.ready_waiters.append(waiter)
-
-    def effects_deleted(self, ids: list[str]) -> None:
-        """Called when gc deleted effects: waits naming one are answered now (``not_found``),
-        not at their deadline."""
-        for effect_id in ids:
-            self.ready_waiters.extend(self.waiters_by_effect.get(effect_id, ()))
-
-    def resolve_waiters(self, now: float) -> None:
-        """Answer waits whose effects became final, and those whose deadline passed. Work per
-        loop turn is proportional to the waits answered, not to all effects waited on."""
-        if not self.ready_waiters and (not self.d.waiters or now < self.next_deadline()):
-            return
-        answered = {id(w) for w in self.ready_waiters}
-        due = [w for w in self.d.waiters if id(w) in answered or now >= w.deadline]
-        if not due:
-            return
-        gone = {id(w) for w in due}
-        self.d.waiters = [w for w in self.d.waiters if id(w) not in gone]
-        self.ready_waiters = []
-        for w in due:
-            for eid in set(w.ids):
-                lst = self.waiters_by_effect.get(eid)
-                if lst is not None:
-                    lst[:] = [x for x in lst if x is not w]
-                    if not lst:
-                        del self.waiters_by_effect[eid]
+    def answer_waits(self, now: float) -> None:
+        """Answer the waits the wait table says are due (daemon/waits.py)."""
+        for w in self.d.waits.due(now):
             try:
+                if w.outcome is WaitOutcome.NOT_FOUND:
+                    self.check_exist(w.ids)  # raises NotFound naming the ids gc deleted
                 self.d.reply(w.ident, w.request_id, self.wait_reply(w.ids, timed_out=not w.satisfied))
             except NotFound as exc:  # garbage-collected meanwhile
                 self.d.reply_error(w.ident, w.request_id, exc)
-
-    def next_deadline(self) -> float:
-        return min((w.deadline for w in self.d.waiters), default=float("inf"))
 
     def op_result(self, ident: bytes, req: Request) -> dict[str, Any]:
         rec = self.record(req.args["id"])
