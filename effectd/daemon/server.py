@@ -39,7 +39,7 @@ from effectd.daemon.requests import RequestHandlers, Waiter
 from effectd.daemon.retention import Retention
 from effectd.daemon.sdnotify import SystemdNotifier
 from effectd.daemon.worker import HEARTBEAT_LIVENESS
-from effectd.ipc import auth, codec
+from effectd.ipc import auth, codec, messages
 from effectd.ipc.dirs import RUNTIME_DIR, ensure_private_dir
 from effectd.ipc.endpoints import Endpoints, stream_hwm
 from effectd.ipc.errors import (
@@ -54,16 +54,11 @@ from effectd.ipc.errors import (
 )
 from effectd.ipc.schema import (
     OPS,
-    WORKER_TO_DAEMON,
     EffectKind,
     EffectState,
-    check_finish,
-    check_running_report,
     error_reply,
-    event_header,
     ok_reply,
     parse_request,
-    parse_worker_message,
     request_id_of,
 )
 from effectd.journal import Journal, OutputStore
@@ -312,13 +307,13 @@ class Daemon:
         self.queue_send(self.control, [ident, b"", codec.pack(error_reply(request_id, exc.code, exc.message))],
                         durable=False)
 
-    def to_worker(self, worker_id: str, msg: dict[str, Any], durable: bool = True) -> None:
+    def to_worker(self, worker_id: str, msg: messages.DaemonMessage, durable: bool = True) -> None:
         """``durable`` messages (assign, ack) announce journaled facts and are dropped if the
         batch fails to commit; control messages (cancel, stop) are sent regardless."""
         try:
-            body = codec.pack(msg)
+            body = messages.encode(msg)
         except (ValueError, TypeError, OverflowError) as exc:
-            log.error("message %s to worker %s could not be encoded: %s", msg.get("t"), worker_id, exc)
+            log.error("message %s to worker %s could not be encoded: %s", type(msg).__name__, worker_id, exc)
             return
         self.send_worker(worker_id.encode(), body, durable)
 
@@ -327,8 +322,9 @@ class Daemon:
         so a process that binds a fake workers.sock cannot make them run anything."""
         self.queue_send(self.workers_sock, [ident, body, auth.sign(self.worker_key, body)], durable)
 
-    def publish_event(self, effect_id: str, event: str, **fields: Any) -> None:
-        self.queue_send(self.stream, [effect_id.encode(), codec.pack(event_header(event, **fields)), b""])
+    def publish_event(self, effect_id: str, event: messages.EventType, **fields: Any) -> None:
+        header = messages.EventHeader(event=event, **fields)
+        self.queue_send(self.stream, [effect_id.encode(), messages.encode(header), b""])
 
     def flush(self) -> None:
         """Commit the batch, then send. If the commit fails, nothing that needed it is sent."""
@@ -505,7 +501,7 @@ class Daemon:
             if eff.id in self.adopting:
                 self.kill_then_conclude(eff, EffectState.CANCELLED, reason)
             elif eff.worker:
-                self.to_worker(eff.worker, {"t": "cancel", "id": eff.id, "reason": reason}, durable=False)
+                self.to_worker(eff.worker, messages.Cancel(id=eff.id, reason=reason), durable=False)
 
     def unclaimed_after_crash(self, eff: Effect) -> None:
         """No worker claimed a recovered running effect within the adopt grace. At most once:
@@ -540,73 +536,71 @@ class Daemon:
             return
         wid = frames[0].decode(errors="replace")
         try:
-            kind, msg = parse_worker_message(codec.unpack(frames[1], max_bytes=codec.MAX_WORKER_MESSAGE_BYTES),
-                                             WORKER_TO_DAEMON)
+            msg = messages.decode_worker_message(frames[1])
         except EffectdError as exc:
             log.warning("bad message from worker %s: %s", wid, exc)
             return
         worker = self.sched.workers.get(wid)
-        if kind == "ready":
+        if isinstance(msg, messages.Ready):
             self.worker_ready(wid, msg)
             return
         if worker is None or worker.state is WorkerState.DEAD:
-            self.send_worker(frames[0], codec.pack({"t": "reset"}))
+            self.send_worker(frames[0], messages.encode(messages.Reset()))
             return
         worker.last_seen = self.hearing.now()
-        if kind == "hb":
-            worker.effects_done = msg.get("effects_done") or worker.effects_done
-        elif kind == "started":
-            eff = self.sched.effects.get(msg["id"])
-            if eff is not None and eff.attempt == msg["attempt"] and eff.state is EffectState.RUNNING:
+        if isinstance(msg, messages.Heartbeat):
+            worker.effects_done = msg.effects_done or worker.effects_done
+            worker.rss = msg.rss or worker.rss
+        elif isinstance(msg, messages.Started):
+            eff = self.sched.effects.get(msg.id)
+            if eff is not None and eff.attempt == msg.attempt and eff.state is EffectState.RUNNING:
                 if eff.id in self.adopting and eff.id not in self.pending_kills:
                     # An assignment of the previous daemon that this worker read only now: it
                     # claims the effect, which is as good as re-adoption.
                     self.claimed_by(eff, worker)
-                eff.pid, eff.create_time = msg.get("pid"), msg.get("create_time")
-                eff.started_at = reported_time(msg.get("started_at"), eff.submitted_at) or eff.started_at
+                eff.pid, eff.create_time = msg.pid, msg.create_time
+                eff.started_at = reported_time(msg.started_at, eff.submitted_at) or eff.started_at
                 self.journal.put_effect(eff.to_record(), "started", {"pid": eff.pid})
-        elif kind == "finished":
+        elif isinstance(msg, messages.Finished):
             self.effect_finished(wid, msg)
-        elif kind == "progress":
-            eff = self.sched.effects.get(msg["id"])
+        elif isinstance(msg, messages.Progress):
+            eff = self.sched.effects.get(msg.id)
             if eff is not None:
-                eff.progress = {"fraction": msg.get("fraction"), "message": msg.get("message"),
-                                "time": time.time()}
-                self.publish_event(eff.id, "progress", fraction=msg.get("fraction"),
-                                   message=msg.get("message"), time=time.time())
-        elif kind == "bye":
+                eff.progress = {"fraction": msg.fraction, "message": msg.message, "time": time.time()}
+                self.publish_event(eff.id, "progress", fraction=msg.fraction, message=msg.message, time=time.time())
+        elif isinstance(msg, messages.Bye):
             worker.state = WorkerState.STOPPING  # takes no new work; reaped when it exits
 
-    def worker_ready(self, wid: str, msg: dict[str, Any]) -> None:
+    def worker_ready(self, wid: str, msg: messages.Ready) -> None:
         worker = self.sched.workers.get(wid)
         if worker is None or worker.state is WorkerState.DEAD:
-            worker = Worker(id=wid, pid=msg["pid"], spawned_by_us=wid in self.procs.children)
+            worker = Worker(id=wid, pid=msg.pid, spawned_by_us=wid in self.procs.children)
             if not worker.spawned_by_us:
-                self.procs.adopted_pids[wid] = msg["pid"]
-                log.info("worker %s (pid %d) of an earlier daemon reconnected", wid, msg["pid"])
+                self.procs.adopted_pids[wid] = msg.pid
+                log.info("worker %s (pid %d) of an earlier daemon reconnected", wid, msg.pid)
             self.sched.add_worker(worker)
         if worker.state is WorkerState.STARTING:
             worker.state = WorkerState.READY
-        worker.pid = msg["pid"]
-        worker.slots = msg["slots"]
+        worker.pid = msg.pid
+        worker.slots = msg.slots
         worker.last_seen = self.hearing.now()
         worker.idle_since = worker.idle_since or time.monotonic()
-        worker.effects_done = msg.get("effects_done") or 0
-        for report in msg.get("finished") or []:
+        worker.effects_done = msg.effects_done or 0
+        for report in msg.finished or []:
             with contextlib.suppress(EffectdError):
-                self.effect_finished(wid, check_finish(report))
-        for report in msg.get("running") or []:
+                self.effect_finished(wid, messages.check_report(report, messages.Finished))
+        for report in msg.running or []:
             try:
-                rep = check_running_report(report)
+                rep: messages.RunningReport = messages.check_report(report, messages.RunningReport)
             except EffectdError:
                 continue
-            eff = self.sched.effects.get(rep["id"])
-            if (eff is not None and eff.state is EffectState.RUNNING and eff.attempt == rep["attempt"]
+            eff = self.sched.effects.get(rep.id)
+            if (eff is not None and eff.state is EffectState.RUNNING and eff.attempt == rep.attempt
                     and eff.id not in self.pending_kills):
                 if eff.id in self.adopting or eff.worker != wid:
-                    eff.pid = rep.get("pid") or eff.pid
-                    eff.create_time = rep.get("create_time") or eff.create_time
-                    eff.started_at = reported_time(rep.get("started_at"), eff.submitted_at) or eff.started_at
+                    eff.pid = rep.pid or eff.pid
+                    eff.create_time = rep.create_time or eff.create_time
+                    eff.started_at = reported_time(rep.started_at, eff.submitted_at) or eff.started_at
                     self.claimed_by(eff, worker)
                 else:
                     worker.effects.add(eff.id)
@@ -614,8 +608,8 @@ class Daemon:
                         worker.python_effect = eff.id
             else:
                 # Not ours to run (already final, or unknown to this journal): stop it.
-                self.to_worker(wid, {"t": "cancel", "id": rep["id"], "reason": "not_adopted"}, durable=False)
-        self.send_worker(wid.encode(), codec.pack({"t": "welcome", "instance": self.instance}))
+                self.to_worker(wid, messages.Cancel(id=rep.id, reason="not_adopted"), durable=False)
+        self.send_worker(wid.encode(), messages.encode(messages.Welcome(instance=self.instance)))
 
     def claimed_by(self, eff: Effect, worker: Worker) -> None:
         """Re-adopt a recovered effect on the worker that reports running it."""
@@ -627,28 +621,27 @@ class Daemon:
             worker.python_effect = eff.id
         self.journal.put_effect(eff.to_record(), "adopted", {"worker": worker.id})
 
-    def effect_finished(self, wid: str, rep: dict[str, Any]) -> None:
-        eff = self.sched.effects.get(rep["id"])
-        if eff is not None and eff.state is EffectState.RUNNING and eff.attempt == rep["attempt"]:
-            state = EffectState(rep["state"])
-            reason = rep.get("reason")
+    def effect_finished(self, wid: str, rep: messages.Finished) -> None:
+        eff = self.sched.effects.get(rep.id)
+        if eff is not None and eff.state is EffectState.RUNNING and eff.attempt == rep.attempt:
+            state = EffectState(rep.state)
+            reason = rep.reason
             if eff.cancel_requested in ("daemon_stopped",) and state is EffectState.CANCELLED:
                 state, reason = EffectState.LOST, "daemon_stopped"
             elif state is EffectState.CANCELLED and eff.cancel_requested:
                 reason = eff.cancel_requested
-            fields = {k: rep.get(k) for k in ("exit_code", "signal", "result", "error")}
-            fields["sizes"] = rep.get("sizes") or {}
-            fields["truncated"] = rep.get("truncated") or {}
-            fields["leaked_processes"] = rep.get("leaked_processes") or 0
+            fields = {"exit_code": rep.exit_code, "signal": rep.signal, "result": rep.result, "error": rep.error,
+                      "sizes": rep.sizes or {}, "truncated": rep.truncated or {},
+                      "leaked_processes": rep.leaked_processes or 0}
             self.pending_kills.pop(eff.id, None)
             # The worker's own clock says when it ran: a report delivered after a daemon restart
             # must not stretch the effect to the time of re-adoption.
-            eff.started_at = reported_time(rep.get("started_at"), eff.submitted_at) or eff.started_at
+            eff.started_at = reported_time(rep.started_at, eff.submitted_at) or eff.started_at
             self.conclude(eff, state, reason=reason, fields=fields,
-                          finished_at=reported_time(rep.get("finished_at"), eff.started_at or eff.submitted_at))
+                          finished_at=reported_time(rep.finished_at, eff.started_at or eff.submitted_at))
         # Duplicates and late reports never change a final state; always acknowledge them so the
         # worker forgets the report.
-        self.to_worker(wid, {"t": "ack", "id": rep["id"], "attempt": rep["attempt"]})
+        self.to_worker(wid, messages.Ack(id=rep.id, attempt=rep.attempt))
 
     def worker_lost(self, worker: Worker, why: str) -> None:
         if worker.state is WorkerState.DEAD:
@@ -695,7 +688,7 @@ class Daemon:
             self._last_hb_sent = now
             for worker in self.sched.workers.values():
                 if worker.state in (WorkerState.READY, WorkerState.STOPPING):
-                    self.send_worker(worker.id.encode(), codec.pack({"t": "hb"}))
+                    self.send_worker(worker.id.encode(), messages.encode(messages.DaemonHeartbeat()))
         for eid, deadline in list(self.adopting.items()):
             if now >= deadline:
                 eff = self.sched.effects.get(eid)
@@ -759,7 +752,7 @@ class Daemon:
                 self.outputs.prepare(eff.id)
             self.sched.start(eff, worker, wall)
             self.journal.put_effect(eff.to_record(), "running", {"worker": worker.id, "attempt": eff.attempt})
-            self.to_worker(worker.id, {"t": "assign", "id": eff.id, "attempt": eff.attempt, "spec": eff.spec})
+            self.to_worker(worker.id, messages.Assign(id=eff.id, attempt=eff.attempt, spec=eff.spec))
             self.publish_event(eff.id, "started", state="running", attempt=eff.attempt, time=wall)
         if spawn and now >= self.spawn_not_before:
             for _ in range(spawn):
@@ -788,7 +781,7 @@ class Daemon:
     def retire(self, worker: Worker, why: str) -> None:
         log.info("retiring worker %s (%s)", worker.id, why)
         worker.state = WorkerState.STOPPING
-        self.to_worker(worker.id, {"t": "stop", "reason": why}, durable=False)
+        self.to_worker(worker.id, messages.Stop(reason=why), durable=False)
 
     # ---- shutdown -------------------------------------------------------------------------
 
@@ -816,7 +809,7 @@ class Daemon:
                       SHUTDOWN_OVERRUN, len(self.sched.running()))
             for w in self.sched.workers.values():
                 if w.state is not WorkerState.DEAD:
-                    self.to_worker(w.id, {"t": "stop", "reason": "daemon_stopped"}, durable=False)
+                    self.to_worker(w.id, messages.Stop(reason="daemon_stopped"), durable=False)
             self.stop_requested = True
             return
         running = self.sched.running()
@@ -929,8 +922,8 @@ class Daemon:
             if msg[0] == 1 and len(topic) == 26:
                 # Tell the new subscriber its subscription is live (no sleeping, no nudging).
                 state = self.handlers.state_of(topic.decode(errors="replace"))
-                self.queue_send(self.stream, [topic, codec.pack(event_header(
-                    "subscribed", state=state.value if state else None)), b""], durable=False)
+                header = messages.EventHeader(event="subscribed", state=state.value if state else None)
+                self.queue_send(self.stream, [topic, messages.encode(header), b""], durable=False)
 
     def close(self) -> None:
         for waiter in self.waiters:

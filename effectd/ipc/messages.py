@@ -1,0 +1,294 @@
+"""Typed messages: worker messages, effect records, stream headers and control replies.
+
+Each message is one ``msgspec.Struct``; its field order is the key order on the wire, so the
+encoded bytes are those the dict-built messages had (docs/protocol.md and the Node client stay
+valid). Worker messages are tagged unions on ``t``: one decode validates types and limits and
+yields the right class, with no second hand-written check. tests/test_protocol_doc.py checks
+protocol.md's tables against these declarations.
+
+Control *requests* keep their field tables in schema.py: their error messages
+(``effect.timeout: must be >= 0.001``) are part of the contract.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from effectd.ipc.codec import MAX_WORKER_MESSAGE_BYTES
+from effectd.ipc.errors import BadRequest, TooLarge, UnknownOp
+from effectd.ipc.schema import FINAL_STATES, EffectState
+
+EffectId = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-HJKMNP-TV-Z]{26}$")]
+Attempt = Annotated[int, msgspec.Meta(ge=1)]
+FinalState = Literal["succeeded", "failed", "cancelled", "timed_out", "lost"]
+EventType = Literal["started", "finished", "progress", "subscribed"]
+
+
+# --------------------------------------------------------------------------------------------
+# Effect records (protocol.md §7.1): stored by the journal, returned by status/list/wait
+
+
+class EffectError(msgspec.Struct, frozen=True, kw_only=True):
+    """Why a python effect raised or a shell effect could not start."""
+
+    type: str = "?"
+    message: str = ""
+    traceback: str = ""
+
+
+class EffectRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One effect as the daemon knows it; ``state`` is an :class:`EffectState`. The daemon builds
+    it in ``Effect.to_record``; the client decodes replies into it."""
+
+    id: str
+    kind: str = "?"
+    name: str | None = None
+    labels: dict[str, str] = {}
+    state: EffectState
+    reason: str | None = None
+    attempt: int = 0
+    attempts: list[dict[str, Any]] = []
+    submitted_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str | None = None
+    pid: int | None = None
+    create_time: float | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    result: Any = None
+    error: EffectError | None = None
+    sizes: dict[str, int] = {}
+    truncated: dict[str, int] = {}
+    leaked_processes: int = 0
+    progress: dict[str, Any] | None = None
+    not_before: float = 0.0
+    cancel_requested: str | None = None
+    spec: dict[str, Any] = {}
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state is EffectState.SUCCEEDED
+
+    @property
+    def duration(self) -> float | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at
+
+    @classmethod
+    def from_wire(cls, rec: Any) -> EffectRecord:
+        """A record from a decoded reply map (nil values mean "absent")."""
+        if isinstance(rec, dict):
+            rec = {k: v for k, v in rec.items() if v is not None}
+        return msgspec.convert(rec, cls)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-friendly dict (for ``--json`` output and the stdio bridge): the client's view,
+        without the daemon-internal fields."""
+        out: dict[str, Any] = msgspec.to_builtins(self)
+        for name in _INTERNAL_RECORD_FIELDS:
+            out.pop(name, None)
+        return out
+
+
+_INTERNAL_RECORD_FIELDS = ("worker", "create_time", "not_before", "cancel_requested")
+
+
+def record_map(record: EffectRecord) -> dict[str, Any]:
+    """The record as the msgpack map the journal stores and replies carry."""
+    out: dict[str, Any] = msgspec.to_builtins(record)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Stream headers (protocol.md §8.2, §8.3)
+
+
+class ChunkHeader(msgspec.Struct, kw_only=True):
+    stream: Literal["stdout", "stderr", "value"]
+    offset: Annotated[int, msgspec.Meta(ge=0)]
+    attempt: int | None = None
+
+
+class EventHeader(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Fields with no value are omitted on the wire."""
+
+    stream: Literal["event"] = "event"
+    event: EventType
+    state: str | None = None
+    attempt: int | None = None
+    sizes: dict[str, int] | None = None
+    fraction: float | None = None
+    message: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
+    time: float | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Worker <-> daemon messages (protocol.md §12): one msgpack map each, key "t" = type
+
+
+class WorkerMessage(msgspec.Struct, tag_field="t", kw_only=True):
+    """Worker -> daemon."""
+
+
+class RunningReport(msgspec.Struct, kw_only=True):
+    """An attempt a worker still runs (in ``ready``: re-adoption)."""
+
+    id: EffectId
+    attempt: Attempt
+    pid: int | None = None
+    create_time: float | None = None
+    sizes: dict[str, int] | None = None
+    started_at: float | None = None
+
+
+class Ready(WorkerMessage, tag="ready"):
+    proto: int
+    worker: Annotated[str, msgspec.Meta(max_length=64)]
+    pid: int
+    slots: Annotated[int, msgspec.Meta(ge=1)]
+    # Checked one by one (check_running / check_finish): one bad report must not void the rest.
+    running: list[dict[str, Any]] | None = None
+    finished: list[dict[str, Any]] | None = None
+    effects_done: int = 0
+
+
+class Heartbeat(WorkerMessage, tag="hb"):
+    effects_done: int | None = None
+    rss: int | None = None
+
+
+class Started(WorkerMessage, tag="started"):
+    id: EffectId
+    attempt: Attempt
+    pid: int | None = None
+    create_time: float | None = None
+    started_at: float | None = None
+
+
+class Finished(WorkerMessage, tag="finished"):
+    """A completion report; kept and re-sent by the worker until acknowledged."""
+
+    id: EffectId
+    attempt: Attempt
+    state: FinalState
+    reason: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    result: Any = None
+    error: dict[str, Any] | None = None
+    sizes: dict[str, int] | None = None
+    truncated: dict[str, int] | None = None
+    leaked_processes: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    finished_at: float | None = None
+    started_at: float | None = None
+
+
+class Progress(WorkerMessage, tag="progress"):
+    id: EffectId
+    attempt: Attempt
+    fraction: float | None = None
+    message: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
+
+
+class Bye(WorkerMessage, tag="bye"):
+    reason: str | None = None
+
+
+class DaemonMessage(msgspec.Struct, tag_field="t", kw_only=True):
+    """Daemon -> worker (MAC'd, see auth.py)."""
+
+
+class Assign(DaemonMessage, tag="assign"):
+    id: EffectId
+    attempt: int
+    spec: dict[str, Any]
+
+
+class Cancel(DaemonMessage, tag="cancel"):
+    id: EffectId
+    reason: str | None = None
+
+
+class Ack(DaemonMessage, tag="ack"):
+    id: EffectId
+    attempt: int
+
+
+class DaemonHeartbeat(DaemonMessage, tag="hb"):
+    pass
+
+
+class Welcome(DaemonMessage, tag="welcome"):
+    instance: str | None = None
+
+
+class Reset(DaemonMessage, tag="reset"):
+    pass
+
+
+class Stop(DaemonMessage, tag="stop"):
+    reason: str | None = None
+
+
+WorkerToDaemon = Ready | Heartbeat | Started | Finished | Progress | Bye
+DaemonToWorker = Assign | Cancel | Ack | DaemonHeartbeat | Welcome | Reset | Stop
+
+WORKER_MESSAGES: tuple[type[WorkerMessage], ...] = (Ready, Heartbeat, Started, Finished, Progress, Bye)
+DAEMON_MESSAGES: tuple[type[DaemonMessage], ...] = (Assign, Cancel, Ack, DaemonHeartbeat, Welcome, Reset, Stop)
+
+
+def _refuse_ext(code: int, data: memoryview) -> Any:
+    raise BadRequest(f"msgpack ext type {code} is not accepted")
+
+
+_encoder = msgspec.msgpack.Encoder()
+_worker_decoder = msgspec.msgpack.Decoder(WorkerToDaemon, ext_hook=_refuse_ext)
+_daemon_decoder = msgspec.msgpack.Decoder(DaemonToWorker, ext_hook=_refuse_ext)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    """Encode one typed message (worker message, header, record)."""
+    return _encoder.encode(msg)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder[Any], data: bytes | memoryview, max_bytes: int) -> Any:
+    if len(data) > max_bytes:
+        raise TooLarge(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        if "Invalid value" in str(exc) and "$.t" in str(exc):
+            raise UnknownOp(f"unknown worker message type: {exc}") from exc
+        raise BadRequest(f"bad worker message: {exc}") from exc
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise BadRequest(f"not a valid msgpack message: {exc}") from exc
+
+
+def decode_worker_message(data: bytes | memoryview, max_bytes: int = MAX_WORKER_MESSAGE_BYTES) -> WorkerToDaemon:
+    """A worker -> daemon message, typed and checked; raises BadRequest / UnknownOp / TooLarge."""
+    msg: WorkerToDaemon = _decode(_worker_decoder, data, max_bytes)
+    return msg
+
+
+def decode_daemon_message(data: bytes | memoryview, max_bytes: int = MAX_WORKER_MESSAGE_BYTES) -> DaemonToWorker:
+    """A daemon -> worker message, typed and checked; raises BadRequest / UnknownOp / TooLarge."""
+    msg: DaemonToWorker = _decode(_daemon_decoder, data, max_bytes)
+    return msg
+
+
+def check_report(report: Any, cls: type[Finished] | type[RunningReport]) -> Any:
+    """One report of a ``ready`` (or a run's own report) as ``cls``; raises BadRequest."""
+    if not isinstance(report, dict):
+        raise BadRequest("report must be a map")
+    try:
+        return msgspec.convert({k: v for k, v in report.items() if k != "t"}, cls)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"bad report: {exc}") from exc
