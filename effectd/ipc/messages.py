@@ -1,4 +1,4 @@
-"""Typed messages: worker messages, effect records, stream headers and control replies.
+"""Typed messages: worker messages and stream headers (records and replies: records.py).
 
 Each message is one ``msgspec.Struct``; its field order is the key order on the wire, so the
 encoded bytes are those the dict-built messages had (docs/protocol.md and the Node client stay
@@ -18,93 +18,11 @@ import msgspec
 
 from effectd.ipc.codec import MAX_WORKER_MESSAGE_BYTES
 from effectd.ipc.errors import BadRequest, TooLarge, UnknownOp
-from effectd.ipc.schema import FINAL_STATES, EffectState
 
 EffectId = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-HJKMNP-TV-Z]{26}$")]
 Attempt = Annotated[int, msgspec.Meta(ge=1)]
 FinalState = Literal["succeeded", "failed", "cancelled", "timed_out", "lost"]
 EventType = Literal["started", "finished", "progress", "subscribed"]
-
-
-# --------------------------------------------------------------------------------------------
-# Effect records (protocol.md §7.1): stored by the journal, returned by status/list/wait
-
-
-class EffectError(msgspec.Struct, frozen=True, kw_only=True):
-    """Why a python effect raised or a shell effect could not start."""
-
-    type: str = "?"
-    message: str = ""
-    traceback: str = ""
-
-
-class EffectRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """One effect as the daemon knows it; ``state`` is an :class:`EffectState`. The daemon builds
-    it in ``Effect.to_record``; the client decodes replies into it."""
-
-    id: str
-    kind: str = "?"
-    name: str | None = None
-    labels: dict[str, str] = {}
-    state: EffectState
-    reason: str | None = None
-    attempt: int = 0
-    attempts: list[dict[str, Any]] = []
-    submitted_at: float | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-    worker: str | None = None
-    pid: int | None = None
-    create_time: float | None = None
-    exit_code: int | None = None
-    signal: int | None = None
-    result: Any = None
-    error: EffectError | None = None
-    sizes: dict[str, int] = {}
-    truncated: dict[str, int] = {}
-    leaked_processes: int = 0
-    progress: dict[str, Any] | None = None
-    not_before: float = 0.0
-    cancel_requested: str | None = None
-    spec: dict[str, Any] = {}
-
-    @property
-    def final(self) -> bool:
-        return self.state in FINAL_STATES
-
-    @property
-    def succeeded(self) -> bool:
-        return self.state is EffectState.SUCCEEDED
-
-    @property
-    def duration(self) -> float | None:
-        if self.started_at is None or self.finished_at is None:
-            return None
-        return self.finished_at - self.started_at
-
-    @classmethod
-    def from_wire(cls, rec: Any) -> EffectRecord:
-        """A record from a decoded reply map (nil values mean "absent")."""
-        if isinstance(rec, dict):
-            rec = {k: v for k, v in rec.items() if v is not None}
-        return msgspec.convert(rec, cls)
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-friendly dict (for ``--json`` output and the stdio bridge): the client's view,
-        without the daemon-internal fields."""
-        out: dict[str, Any] = msgspec.to_builtins(self)
-        for name in _INTERNAL_RECORD_FIELDS:
-            out.pop(name, None)
-        return out
-
-
-_INTERNAL_RECORD_FIELDS = ("worker", "create_time", "not_before", "cancel_requested")
-
-
-def record_map(record: EffectRecord) -> dict[str, Any]:
-    """The record as the msgpack map the journal stores and replies carry."""
-    out: dict[str, Any] = msgspec.to_builtins(record)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,10 +35,10 @@ class ChunkHeader(msgspec.Struct, kw_only=True):
     attempt: int | None = None
 
 
-class EventHeader(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """Fields with no value are omitted on the wire."""
+class EventHeader(msgspec.Struct, kw_only=True, omit_defaults=True, tag_field="stream", tag="event"):
+    """Fields with no value are omitted on the wire; ``stream`` (always ``"event"``) is the tag,
+    so it is always sent."""
 
-    stream: Literal["event"] = "event"
     event: EventType
     state: str | None = None
     attempt: int | None = None
@@ -292,3 +210,9 @@ def check_report(report: Any, cls: type[Finished] | type[RunningReport]) -> Any:
         return msgspec.convert({k: v for k, v in report.items() if k != "t"}, cls)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"bad report: {exc}") from exc
+
+
+def check_finish(report: Any) -> dict[str, Any]:
+    """One completion report, checked, as a map (every field present)."""
+    out: dict[str, Any] = msgspec.structs.asdict(check_report(report, Finished))
+    return out
