@@ -1,10 +1,10 @@
 """The wire protocol: the one place that defines every message effectd sends or receives.
 
-Control requests (client -> daemon, REQ/ROUTER), their replies, the stream frames published on
-the XPUB socket, and the worker messages (DEALER/ROUTER) are all declared here as tables of
-:class:`Field`. The daemon validates every inbound message against these tables; the client builds
-its requests through :func:`build_request`, so both sides share one definition. docs/protocol.md
-describes the same tables in prose.
+Control requests (client -> daemon, REQ/ROUTER) are declared here as tables of :class:`Field`: the
+daemon validates every request against them (with error messages that name the field), and the
+client builds its requests through :func:`build_request`, so both sides share one definition.
+Replies and records are typed in records.py, stream headers and worker messages in messages.py.
+tests/test_protocol_doc.py checks docs/protocol.md's tables against all of these declarations.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from enum import Enum
 from typing import Any
 
 from effectd.ipc.errors import BadRequest, UnknownOp, UnsupportedVersion
+from effectd.ipc.messages import check_finish as check_finish  # re-export: tests/test_exit_truth.py imports it here
 
 PROTOCOL_VERSION = 1
 MIN_PROTOCOL_VERSION = 1
@@ -476,131 +477,4 @@ def error_reply(request_id: Any, code: str, message: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Stream frames (XPUB): [topic, header, data]
-#
-# topic  = effect id as ASCII bytes (subscribe to one id, or to b"" for every effect)
-# header = msgpack map, see CHUNK_HEADER / EVENT_HEADER
-# data   = raw bytes of the chunk (empty for events)
-
-CHUNK_HEADER: tuple[Field, ...] = (
-    Field("stream", "str", required=True, choices=OUTPUT_STREAMS),
-    Field("offset", "int", required=True, min=0, doc="byte offset of data[0] within the stream"),
-    Field("attempt", "int", min=1, doc="attempt that wrote the chunk"),
-)
-
-EVENT_TYPES = ("started", "finished", "progress", "subscribed")
-EVENT_HEADER: tuple[Field, ...] = (
-    Field("stream", "str", required=True, choices=("event",)),
-    Field("event", "str", required=True, choices=EVENT_TYPES),
-    Field("state", "str"),
-    Field("attempt", "int"),
-    Field("sizes", "map", items="int", doc="finished: final size of each output stream"),
-    Field("fraction", "num"),
-    Field("message", "str", max_len=4096),
-    Field("time", "num"),
-)
-
-
-def chunk_header(stream: str, offset: int, attempt: int) -> dict[str, Any]:
-    return {"stream": stream, "offset": offset, "attempt": attempt}
-
-
-def event_header(event: str, **fields: Any) -> dict[str, Any]:
-    return {"stream": "event", "event": event, **{k: v for k, v in fields.items() if v is not None}}
-
-
-# --------------------------------------------------------------------------------------------
-# Worker <-> daemon messages (DEALER/ROUTER, one msgpack map per message, key "t" = type)
-
-WORKER_EFFECT_REPORT: tuple[Field, ...] = (
-    Field("id", "id", required=True),
-    Field("attempt", "int", required=True, min=1),
-    Field("pid", "int"),
-    Field("create_time", "num"),
-    Field("sizes", "map", items="int"),
-    Field("started_at", "num"),
-)
-
-FINISH_FIELDS: tuple[Field, ...] = (
-    Field("id", "id", required=True),
-    Field("attempt", "int", required=True, min=1),
-    Field("state", "str", required=True,
-          choices=("succeeded", "failed", "cancelled", "timed_out", "lost")),
-    Field("reason", "str", max_len=256),
-    Field("exit_code", "int"),
-    Field("signal", "int"),
-    Field("result", "any"),
-    Field("error", "map", items="any"),
-    Field("sizes", "map", items="int"),
-    Field("truncated", "map", items="int"),
-    Field("leaked_processes", "int", min=0, doc="processes of the effect still alive as it ended"),
-    Field("finished_at", "num"),
-    Field("started_at", "num"),
-)
-
-WORKER_TO_DAEMON: dict[str, tuple[Field, ...]] = {
-    "ready": (
-        Field("proto", "int", required=True),
-        Field("worker", "str", required=True, max_len=64),
-        Field("pid", "int", required=True),
-        Field("create_time", "num"),
-        Field("slots", "int", required=True, min=1),
-        Field("running", "list", items="map", doc="effects it still runs (re-adoption)"),
-        Field("finished", "list", items="map", doc="completions not yet acknowledged"),
-        Field("effects_done", "int", default=0),
-    ),
-    "hb": (Field("rss", "int"), Field("effects_done", "int")),
-    "started": (
-        Field("id", "id", required=True),
-        Field("attempt", "int", required=True, min=1),
-        Field("pid", "int"),
-        Field("create_time", "num"),
-        Field("started_at", "num"),
-    ),
-    "finished": FINISH_FIELDS,
-    "progress": (
-        Field("id", "id", required=True),
-        Field("attempt", "int", required=True, min=1),
-        Field("fraction", "num"),
-        Field("message", "str", max_len=4096),
-    ),
-    "bye": (Field("reason", "str"),),
-}
-
-DAEMON_TO_WORKER: dict[str, tuple[Field, ...]] = {
-    "assign": (
-        Field("id", "id", required=True),
-        Field("attempt", "int", required=True),
-        Field("spec", "map", required=True, items="any"),
-    ),
-    "cancel": (Field("id", "id", required=True), Field("reason", "str")),
-    "ack": (Field("id", "id", required=True), Field("attempt", "int", required=True)),
-    "hb": (),
-    "welcome": (Field("instance", "str"),),
-    "reset": (),
-    "stop": (Field("reason", "str"),),
-}
-
-
-def parse_worker_message(msg: Any, table: Mapping[str, tuple[Field, ...]]) -> tuple[str, dict[str, Any]]:
-    """Validate a worker<->daemon message against ``table``; returns (type, fields)."""
-    if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
-        raise BadRequest("worker message must be a map with a string 't'")
-    fields = table.get(msg["t"])
-    if fields is None:
-        raise UnknownOp(f"unknown worker message type {msg['t'][:32]!r}")
-    return msg["t"], check_fields(fields, msg, known=frozenset({"t"}))
-
-
-def check_finish(report: Any) -> dict[str, Any]:
-    """Validate one completion report (inside ``finished`` or a ``ready``'s ``finished`` list)."""
-    if not isinstance(report, dict):
-        raise BadRequest("completion report must be a map")
-    return check_fields(FINISH_FIELDS, report)
-
-
-def check_running_report(report: Any) -> dict[str, Any]:
-    if not isinstance(report, dict):
-        raise BadRequest("running report must be a map")
-    return check_fields(WORKER_EFFECT_REPORT, report)
-
+# Stream headers and worker messages are typed: effectd/ipc/messages.py.
