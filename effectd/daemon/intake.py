@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from effectd.daemon.core import Effect
 from effectd.ipc.errors import DiskFull, EffectdError, InternalError, QueueFull, Unavailable
+from effectd.ipc.records import SubmitManyReply
 from effectd.ipc.schema import Request, check_effect_spec
 
 if TYPE_CHECKING:
@@ -207,7 +208,7 @@ class Intake:
             if isinstance(outcome, EffectdError):
                 self.d.reply_error(ident, request_id, outcome)
             else:
-                self.d.reply(ident, request_id, {"ids": outcome}, durable=True)
+                self.d.reply(ident, request_id, SubmitManyReply(ids=outcome), durable=True)
 
     # ---- start and stop -------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ from effectd.daemon.requests import RequestHandlers, Waiter
 from effectd.daemon.retention import Retention
 from effectd.daemon.sdnotify import SystemdNotifier
 from effectd.daemon.worker import HEARTBEAT_LIVENESS
-from effectd.ipc import auth, codec, messages
+from effectd.ipc import auth, codec, messages, records
 from effectd.ipc.dirs import RUNTIME_DIR, ensure_private_dir
 from effectd.ipc.endpoints import Endpoints, stream_hwm
 from effectd.ipc.errors import (
@@ -56,8 +56,6 @@ from effectd.ipc.schema import (
     OPS,
     EffectKind,
     EffectState,
-    error_reply,
-    ok_reply,
     parse_request,
     request_id_of,
 )
@@ -281,13 +279,14 @@ class Daemon:
     def queue_send(self, sock: zmq.Socket[bytes], frames: list[bytes], durable: bool = True) -> None:
         self.outbox.append((sock, frames, durable))
 
-    def reply(self, ident: bytes, request_id: Any, fields: dict[str, Any], durable: bool = True) -> None:
+    def reply(self, ident: bytes, request_id: Any, reply: records.Reply, durable: bool = True) -> None:
         """Queue a reply. ``durable`` replies (to mutating requests, and waits reporting final
         states) are replaced by ``disk_full`` if the batch fails to commit; read-only replies
         are sent regardless, so a daemon on a full disk still answers hello/status/list."""
         failure: EffectdError | None = None
         try:
-            body = codec.pack(ok_reply(request_id, **fields))
+            reply.rid = request_id
+            body = records.encode_reply(reply)
         except (ValueError, TypeError, OverflowError) as exc:  # e.g. msgpack's recursion limit
             log.error("reply to %r could not be encoded: %s", request_id, exc)
             failure = InternalError(f"reply could not be encoded: {exc}")
@@ -304,7 +303,7 @@ class Daemon:
         self.queue_send(self.control, [ident, b"", body], durable)
 
     def reply_error(self, ident: bytes, request_id: Any, exc: EffectdError) -> None:
-        self.queue_send(self.control, [ident, b"", codec.pack(error_reply(request_id, exc.code, exc.message))],
+        self.queue_send(self.control, [ident, b"", records.error_reply(request_id, exc.code, exc.message)],
                         durable=False)
 
     def to_worker(self, worker_id: str, msg: messages.DaemonMessage, durable: bool = True) -> None:
@@ -372,7 +371,7 @@ class Daemon:
                     rid = request_id_of(codec.unpack(frames[2]))
                 except EffectdError:
                     rid = None
-                kept.append((sock, [frames[0], b"", codec.pack(error_reply(rid, exc.code, exc.message))], False))
+                kept.append((sock, [frames[0], b"", records.error_reply(rid, exc.code, exc.message)], False))
             # assignments, acks and events of the failed batch are dropped: the journal is the truth
         self.outbox = kept
         self.conclude_not_before = time.monotonic() + COMMIT_RETRY_DELAY
@@ -449,7 +448,7 @@ class Daemon:
         self.journal.savepoint()
         failure: EffectdError | None = None
         try:
-            fields = self.handlers.dispatch(ident, req)
+            reply = self.handlers.dispatch(ident, req)
         except EffectdError as exc:
             failure = exc
         except MemoryError:
@@ -466,8 +465,8 @@ class Daemon:
             self.reply_error(ident, req.id, failure)
             return
         self.journal.release_savepoint()
-        if fields is not None:
-            self.reply(ident, req.id, fields, durable=OPS[req.op].mutating or req.op == "wait")
+        if reply is not None:
+            self.reply(ident, req.id, reply, durable=OPS[req.op].mutating or req.op == "wait")
 
     # ---- effects --------------------------------------------------------------------------
 

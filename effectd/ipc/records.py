@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from effectd.ipc.schema import FINAL_STATES, EffectState
+from effectd.ipc.schema import FINAL_STATES, PROTOCOL_VERSION, EffectState
 
 
 class EffectError(msgspec.Struct, frozen=True, kw_only=True):
@@ -101,3 +101,186 @@ def effect_error(error: dict[str, Any] | None) -> EffectError | None:
         return None
     return EffectError(type=str(error.get("type", "?")), message=str(error.get("message", "")),
                        traceback=str(error.get("traceback", "")))
+
+
+# --------------------------------------------------------------------------------------------
+# Control replies (protocol.md §3.2, §5): the envelope, then the op's fields, in this order.
+# Records inside a reply travel pre-encoded (msgspec.Raw): the daemon encodes each once, within
+# the reply budget, or splices in the journal's stored bytes as they are.
+
+PackedRecord = msgspec.Raw
+
+
+class Reply(msgspec.Struct, kw_only=True):
+    """A successful reply; the server sets ``rid`` (echoed from the request)."""
+
+    v: int = PROTOCOL_VERSION
+    rid: Any = None
+    ok: bool = True
+
+
+class ErrorInfo(msgspec.Struct):
+    code: str
+    message: str
+
+
+class ErrorReply(msgspec.Struct, kw_only=True):
+    v: int = PROTOCOL_VERSION
+    rid: Any = None
+    ok: bool = False
+    error: ErrorInfo
+
+
+class WorkerInfo(msgspec.Struct, kw_only=True):
+    id: str
+    pid: int | None
+    state: str
+    effects: int
+    effects_done: int
+    rss: int
+
+
+class LoopInfo(msgspec.Struct, kw_only=True):
+    worst_turn: float
+    deaf_seconds: float
+
+
+class LimitsInfo(msgspec.Struct, kw_only=True):
+    parallel: int
+    max_workers: int
+    max_queued: int
+    max_output_bytes: int
+
+
+class HelloReply(Reply, kw_only=True):
+    protocol: int
+    min_protocol: int
+    max_protocol: int
+    capabilities: list[str]
+    daemon_version: str
+    instance: str
+    pid: int
+    uptime: float
+    journal_commits: int
+    counts: dict[str, int]
+    workers: list[WorkerInfo]
+    worker_crashes: int
+    worker_crashes_recent: int
+    spawn_backoff: float
+    draining: bool
+    loop: LoopInfo
+    read_inflight: int
+    read_busy: int
+    managed_by: str
+    runtime_dir: str
+    state_dir: str
+    limits: LimitsInfo
+
+
+class SubmitReply(Reply, kw_only=True):
+    id: str
+    state: str
+
+
+class SubmitManyReply(Reply, kw_only=True):
+    ids: list[str]
+
+
+class StatusReply(Reply, kw_only=True):
+    effects: list[PackedRecord]
+
+
+class ListReply(Reply, kw_only=True):
+    effects: list[PackedRecord]
+    truncated: bool
+
+
+class WaitReply(Reply, kw_only=True):
+    effects: list[PackedRecord]
+    done: list[str]
+    timed_out: bool
+
+
+class ResultReply(Reply, kw_only=True):
+    id: str
+    state: str
+    reason: str | None
+    exit_code: int | None
+    signal: int | None
+    result: Any
+    error: dict[str, Any] | None
+    attempt: int
+    sizes: dict[str, int]
+    truncated: dict[str, int]
+    leaked_processes: int
+
+
+class CancelOutcome(msgspec.Struct, kw_only=True):
+    id: str
+    state: str
+    cancelled: bool
+
+
+class CancelReply(Reply, kw_only=True):
+    effects: list[CancelOutcome]
+
+
+class ReadOutputReply(Reply, kw_only=True):
+    id: str
+    stream: str
+    offset: int
+    data: bytes
+    next_offset: int
+    size: int
+    state: str
+    final: bool
+    eof: bool
+
+
+class GroupSetReply(Reply, kw_only=True):
+    name: str
+    parallel: int | None
+
+
+class GroupInfo(msgspec.Struct, kw_only=True):
+    name: str
+    parallel: int | None
+    running: int = 0
+    queued: int = 0
+
+
+class GroupsReply(Reply, kw_only=True):
+    groups: list[GroupInfo]
+
+
+class GcReply(Reply, kw_only=True):
+    removed: int
+    freed_bytes: int
+    kept: int
+    kept_bytes: int
+
+
+class ShutdownReply(Reply, kw_only=True):
+    stopping: bool
+    drain: bool
+
+
+REPLIES: dict[str, type[Reply]] = {
+    "hello": HelloReply, "submit": SubmitReply, "submit_many": SubmitManyReply, "status": StatusReply,
+    "list": ListReply, "wait": WaitReply, "result": ResultReply, "cancel": CancelReply,
+    "read_output": ReadOutputReply, "group_set": GroupSetReply, "groups": GroupsReply, "gc": GcReply,
+    "shutdown": ShutdownReply,
+}
+"""The reply of every op (tests check it against schema.OPS and protocol.md)."""
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_reply(reply: Reply | ErrorReply) -> bytes:
+    """Encode a reply (records spliced in as they are). Raises TypeError / OverflowError for
+    values msgpack cannot represent."""
+    return _encoder.encode(reply)
+
+
+def error_reply(request_id: Any, code: str, message: str) -> bytes:
+    return _encoder.encode(ErrorReply(rid=request_id, error=ErrorInfo(code, message)))
