@@ -6,6 +6,7 @@
 * Worker messages: typed decode refuses wrong types, limits, ext types and unknown types with
   the protocol's errors, and nothing else escapes on hostile bytes.
 * ``hello`` reports each worker's real rss (it was always 0).
+* The typed check of an effect spec accepts exactly what the field tables accept.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from effectd.daemon.core import Effect
-from effectd.ipc import codec, messages, records
+from effectd.ipc import codec, messages, records, schema
 from effectd.ipc.errors import BadRequest, EffectdError, TooLarge, UnknownOp
-from effectd.ipc.schema import EffectState
+from effectd.ipc.schema import EFFECT_FIELDS, EffectState, check_fields
 from tests.conftest import wait_until
 
 EID = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
@@ -136,3 +137,66 @@ def test_hello_reports_each_workers_real_rss(daemon: Any) -> None:
                              what="a worker's rss in hello")
     assert all(1024 * 1024 < w["rss"] < 4 * 1024**3 for w in workers), workers
     assert isinstance(msgspec.convert(workers[0], records.WorkerInfo), records.WorkerInfo)
+
+
+# The typed pass over an effect spec (schema.EffectSpec, generated from EFFECT_FIELDS) must accept
+# exactly what check_fields accepts, with the same values; what it refuses goes to check_fields
+# for the precise message.
+VALUES = st.one_of(
+    st.none(), st.booleans(), WIRE_INTS, st.integers(min_value=-3, max_value=3), st.floats(allow_nan=True),
+    st.sampled_from([0.001, 0.0005, 1e-9, 3600, 3600.5, 10 * 365 * 86400 + 1, 1 << 40, 1024]),
+    st.text(max_size=8), st.sampled_from(["shell", "python", "sleep", "m:f", EID, EID.lower(), "a\0b", "x" * 300]),
+    st.lists(st.one_of(st.text(max_size=4), st.sampled_from([EID, "a\0"]), st.integers()), max_size=3),
+    st.lists(st.sampled_from([EID]), min_size=0, max_size=2).map(tuple),
+    st.dictionaries(st.sampled_from(["as", "cpu", "k", "", "x" * 1025]),
+                    st.one_of(st.text(max_size=4), st.integers(min_value=-5, max_value=5), st.booleans()),
+                    max_size=3),
+)
+
+
+SHORT = st.text(max_size=4)
+VALID = {
+    "argv": st.lists(SHORT, min_size=1, max_size=3), "command": SHORT, "cwd": SHORT,
+    "env": st.dictionaries(SHORT, SHORT, max_size=2), "target": st.just("m:f"), "args": st.lists(WIRE_INTS, max_size=2),
+    "kwargs": st.dictionaries(SHORT, WIRE_INTS, max_size=2), "seconds": st.integers(0, 9) | st.floats(0, 9),
+    "name": SHORT, "labels": st.dictionaries(SHORT, SHORT, max_size=2),
+    "timeout": st.integers(1, 9) | st.floats(0.001, 9), "retries": st.integers(0, 100),
+    "retry_backoff": st.integers(0, 3600) | st.floats(0, 3600), "priority": st.integers(-9, 9), "group": SHORT,
+    "after": st.lists(st.just(EID), max_size=2), "after_any_outcome": st.booleans(), "stdin_from": st.just(EID),
+    "max_output_bytes": st.integers(1024, 1 << 40),
+    "rlimits": st.dictionaries(st.sampled_from(["as", "cpu", "nofile"]), st.integers(0, 9), max_size=2),
+}
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(["shell", "python", "sleep", None, 1]),
+       st.fixed_dictionaries({}, optional={**{name: VALID[name] | VALUES for name in VALID}, "bogus": VALUES}))
+def test_typed_spec_check_accepts_exactly_what_the_field_tables_accept(kind: Any, fields: dict[str, Any]) -> None:
+    spec = {"kind": kind, **fields}
+    try:
+        expected: dict[str, Any] | None = check_fields(EFFECT_FIELDS, spec)
+    except BadRequest:
+        expected = None
+    typed = schema._typed_effect_fields(spec)
+    if typed is not None:
+        assert expected is not None, f"typed accepted what the field tables refuse: {spec!r}"
+        assert typed == expected
+        assert [type(v) for v in typed.values()] == [type(v) for v in expected.values()]
+
+
+def test_typed_spec_check_keeps_the_precise_messages() -> None:
+    for spec, message in [({"kind": "shell", "argv": ["a"], "timeout": 0}, "effect.timeout: must be >= 0.001"),
+                          ({"kind": "shell", "argv": ("a",)}, "effect.argv: expected an array, got tuple"),
+                          ({"kind": "sleep", "seconds": float("nan")}, "effect.seconds: must be a finite number"),
+                          ({"kind": "shell", "argv": ["a"], "bogus": 1}, "effect.bogus: unknown field")]:
+        with pytest.raises(BadRequest) as info:
+            schema.check_effect_spec(spec)
+        assert info.value.message == message
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["shell", "python", "sleep"]), st.fixed_dictionaries({}, optional=VALID))
+def test_typed_spec_check_takes_valid_specs_in_its_one_pass(kind: str, fields: dict[str, Any]) -> None:
+    spec = {"kind": kind, **fields}
+    typed = schema._typed_effect_fields(spec)
+    assert typed is not None and typed == check_fields(EFFECT_FIELDS, spec)
