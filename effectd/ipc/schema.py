@@ -552,14 +552,5 @@ def build_request(op: str, request_id: Any, **args: Any) -> dict[str, Any]:
     return msg
 
 
-def ok_reply(request_id: Any, **fields: Any) -> dict[str, Any]:
-    return {"v": PROTOCOL_VERSION, "rid": request_id, "ok": True, **fields}
-
-
-def error_reply(request_id: Any, code: str, message: str) -> dict[str, Any]:
-    return {"v": PROTOCOL_VERSION, "rid": request_id, "ok": False,
-            "error": {"code": code, "message": message}}
-
-
 # --------------------------------------------------------------------------------------------
 # Stream headers and worker messages are typed: effectd/ipc/messages.py.
