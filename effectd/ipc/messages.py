@@ -202,6 +202,22 @@ def decode_daemon_message(data: bytes | memoryview, max_bytes: int = MAX_WORKER_
     return msg
 
 
+_chunk_decoder = msgspec.msgpack.Decoder(ChunkHeader)
+_event_decoder = msgspec.msgpack.Decoder(EventHeader)
+
+
+def decode_stream_header(data: bytes | memoryview) -> ChunkHeader | EventHeader | None:
+    """A stream message's header (frame 1), or None for anything a client must ignore: a
+    malformed header, an unknown event type or stream (protocol.md §4, §8.1)."""
+    for decoder in (_chunk_decoder, _event_decoder):  # chunks are the common case
+        try:
+            header: ChunkHeader | EventHeader = decoder.decode(data)
+            return header
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            continue
+    return None
+
+
 def check_report(report: Any, cls: type[Finished] | type[RunningReport]) -> Any:
     """One report of a ``ready`` (or a run's own report) as ``cls``; raises BadRequest."""
     if not isinstance(report, dict):
