@@ -167,5 +167,5 @@ def test_the_checker_sees_lazy_and_relative_imports() -> None:
     graph = import_graph()
     assert "effectd.babysitter.cli" in graph["effectd.cli"]  # by name, in LazyGroup.LAZY
     assert "effectd.client" in graph["effectd.cli"]  # in-function and TYPE_CHECKING imports
-    assert "effectd.ipc.codec" in graph["effectd.daemon.worker"]  # ``from effectd.ipc import codec``
+    assert "effectd.ipc.messages" in graph["effectd.daemon.worker"]  # ``from effectd.ipc import messages``
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]

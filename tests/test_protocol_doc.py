@@ -8,21 +8,28 @@ the reference clients held to the same rules.
 * A subscription topic over the stream socket's limit is refused client-side (§8.1).
 * ``sizes`` after retries is whole-file, for the streams the last attempt wrote (§7.1).
 * A restart shows only in ``hello.instance``; subscriptions come back by themselves (§10.4).
+* Every message table (requests, replies, records, stream headers, worker messages) lists
+  exactly the fields the declarations in effectd/ipc have, so the doc cannot drift.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+import msgspec
 import pytest
 import zmq
 
 from effectd.client.aio import AsyncClient
 from effectd.ipc.endpoints import MAX_SUBSCRIPTION_TOPIC_BYTES
 from effectd.ipc.errors import BadRequest
+from effectd.ipc.messages import DAEMON_MESSAGES, WORKER_MESSAGES, ChunkHeader, EventHeader, EventType, RunningReport
+from effectd.ipc.records import REPLIES, EffectRecord
+from effectd.ipc.schema import EFFECT_FIELDS, OPS, REQUEST_ENVELOPE
 from tests.protocol_doc_client import DocClient, DocError, DocUnavailable, unpack
 
 PARKED_WAITS = 40
@@ -182,3 +189,125 @@ def test_restart_is_visible_only_in_instance_and_subscriptions_come_back(daemon:
     finally:
         ctx.destroy(linger=0)
         doc.close()
+
+
+# --------------------------------------------------------------------------------------------
+# protocol.md's message tables against the declarations in effectd/ipc (schema.py field tables
+# for requests, records.py for replies and records, messages.py for stream headers and worker
+# messages): every declared field is documented in its message's table, and nothing else is.
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+ENVELOPE = {"v", "rid", "ok"}
+
+
+def _section(heading: str) -> str:
+    """The text under the first heading starting with ``heading`` (up to the next heading of the
+    same or a higher level)."""
+    lines = DOC.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading))
+    level = len(heading) - len(heading.lstrip("#"))
+    end = next((j for j in range(start + 1, len(lines))
+                if lines[j].startswith("#") and len(lines[j]) - len(lines[j].lstrip("#")) <= level), len(lines))
+    return "\n".join(lines[start + 1:end])
+
+
+def _tables(text: str) -> list[list[list[str]]]:
+    """Markdown tables in ``text``: each a list of rows (header first, separator dropped)."""
+    tables: list[list[list[str]]] = []
+    current: list[list[str]] = []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            if not all(set(c) <= {"-", ":"} for c in cells):
+                current.append(cells)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def _names(cell: str) -> set[str]:
+    """Field names in a table cell: backticked identifiers outside parentheses (those list
+    values or limits), with the part before ``:`` (``state: "running"``)."""
+    while re.search(r"\([^()]*\)", cell):
+        cell = re.sub(r"\([^()]*\)", "", cell)
+    return set(re.findall(r"`([a-z_][a-z0-9_]*)(?::[^`]*)?`", cell))
+
+
+def _column(table: list[list[str]]) -> set[str]:
+    return set().union(*(_names(row[0]) for row in table[1:]))
+
+
+def _same(where: str, documented: set[str], declared: set[str]) -> None:
+    assert documented == declared, \
+        f"{where}: only in the doc {sorted(documented - declared)}, only in the code {sorted(declared - documented)}"
+
+
+def _fields(cls: type[msgspec.Struct]) -> set[str]:
+    return set(cls.__struct_fields__)
+
+
+def _request_and_reply_tables(op: str) -> tuple[list[list[list[str]]], list[list[list[str]]]]:
+    number = list(OPS).index(op) + 1
+    tables = [t for t in _tables(_section(f"### 5.{number} `{op}`")) if t[0][0] == "field"]
+    return [t for t in tables if "req" in t[0]], [t for t in tables if "req" not in t[0]]
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_every_request_field_is_in_its_ops_table_and_back(op: str) -> None:
+    requests, _ = _request_and_reply_tables(op)
+    declared = {f.name for f in OPS[op].fields}
+    documented = _column(requests[0]) if requests else set()
+    _same(f"§5 {op} request", documented, declared)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_every_reply_field_is_in_its_ops_reply_table_and_back(op: str) -> None:
+    _, replies = _request_and_reply_tables(op)
+    assert len(replies) == 1, f"§5 {op}: expected one reply table, found {len(replies)}"
+    declared = _fields(REPLIES[op]) - ENVELOPE
+    documented = _column(replies[0])
+    _same(f"§5 {op} reply", documented, declared)
+
+
+def test_every_op_has_a_declared_reply() -> None:
+    assert set(REPLIES) == set(OPS)
+
+
+def test_envelope_effect_spec_record_and_chunk_tables_match_the_declarations() -> None:
+    cases = [
+        ("### 3.1", {f.name for f in REQUEST_ENVELOPE}),
+        ("### 6.1", {f.name for f in EFFECT_FIELDS}),
+        ("### 7.1", _fields(EffectRecord)),
+        ("### 8.2", _fields(ChunkHeader)),
+    ]
+    for heading, declared in cases:
+        documented = _column(_tables(_section(heading))[0])
+        _same(heading, documented, declared)
+    reply = _tables(_section("### 3.2"))  # the envelope shown as JSON: v, rid, ok (and error)
+    assert not reply
+    assert all(f'"{name}"' in _section("### 3.2") for name in ENVELOPE)
+
+
+def test_event_table_matches_the_event_header() -> None:
+    table = _tables(_section("### 8.3"))[0]
+    events = {row[0].strip("`") for row in table[1:]}
+    assert events == set(get_args(EventType))
+    documented = set().union(*(_names(row[1]) for row in table[1:]))
+    declared = _fields(EventHeader) - {"event"}  # ``stream`` is the tag, ``event`` the row
+    _same("§8.3", documented, declared)
+
+
+@pytest.mark.parametrize("table_index, classes", [(0, WORKER_MESSAGES), (1, DAEMON_MESSAGES)])
+def test_worker_message_tables_match_the_declarations(table_index: int, classes: tuple[Any, ...]) -> None:
+    table = _tables(_section("## 12."))[table_index]
+    rows = {row[0].strip("`"): row[1] for row in table[1:]}
+    declared = {cls.__struct_config__.tag: cls for cls in classes}
+    assert set(rows) == set(declared), "§12: message types"
+    for tag, cls in declared.items():
+        documented = _names(rows[tag])
+        _same(f"§12 {tag}", documented, _fields(cls))
+    if table_index == 0:  # the running reports inside ``ready``
+        shape = re.search(r"`\{([^}]*)\}`", rows["ready"])
+        assert shape is not None
+        assert {name.strip(" ?") for name in shape.group(1).split(",")} == _fields(RunningReport)

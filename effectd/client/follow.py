@@ -18,8 +18,7 @@ from typing import Literal
 
 from effectd.client.core import Emit, Ops, Poll, Recv, read_output, status
 from effectd.client.records import Chunk, OutputSlice
-from effectd.ipc import codec
-from effectd.ipc.errors import EffectdError
+from effectd.ipc.messages import EventHeader, decode_stream_header
 from effectd.ipc.schema import MAX_READ_BYTES, OUTPUT_STREAMS
 
 FINISHED: Literal["finished"] = "finished"
@@ -35,19 +34,12 @@ def parse_frame(frames: list[bytes]) -> Chunk | Literal["finished"] | None:
     event, or None for anything else (other events, malformed messages: never trusted)."""
     if len(frames) != 3:
         return None
-    try:
-        header = codec.unpack(frames[1])
-    except EffectdError:
+    header = decode_stream_header(frames[1])
+    if isinstance(header, EventHeader):
+        return FINISHED if header.event == "finished" else None
+    if header is None:
         return None
-    if not isinstance(header, dict):
-        return None
-    stream = header.get("stream")
-    if stream == "event":
-        return FINISHED if header.get("event") == "finished" else None
-    offset = header.get("offset")
-    if not isinstance(stream, str) or not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-        return None
-    return Chunk(stream, offset, bytes(frames[2]))
+    return Chunk(header.stream, header.offset, bytes(frames[2]))
 
 
 @dataclass

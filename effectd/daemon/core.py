@@ -15,6 +15,7 @@ from enum import Enum
 from typing import Any
 
 from effectd.ipc.errors import InvalidState
+from effectd.ipc.records import EffectRecord, effect_error, record_map
 from effectd.ipc.schema import FINAL_STATES, EffectKind, EffectState
 
 # Which states may follow which. A final state never changes again (exactly-once final state);
@@ -95,33 +96,17 @@ class Effect:
         self.state = new
 
     def to_record(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "kind": self.spec["kind"],
-            "name": self.spec.get("name"),
-            "labels": self.spec.get("labels") or {},
-            "state": self.state.value,
-            "reason": self.reason,
-            "attempt": self.attempt,
-            "attempts": self.attempts,
-            "submitted_at": self.submitted_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "worker": self.worker,
-            "pid": self.pid,
-            "create_time": self.create_time,
-            "exit_code": self.exit_code,
-            "signal": self.signal,
-            "result": self.result,
-            "error": self.error,
-            "sizes": self.sizes,
-            "truncated": self.truncated,
-            "leaked_processes": self.leaked_processes,
-            "progress": self.progress,
-            "not_before": self.not_before,
-            "cancel_requested": self.cancel_requested,
-            "spec": self.spec,
-        }
+        """The record (its shape: ipc/records.py) as the map the journal stores."""
+        spec = self.spec
+        return record_map(EffectRecord(
+            id=self.id, kind=spec["kind"], name=spec.get("name"), labels=spec.get("labels") or {},
+            state=self.state, reason=self.reason, attempt=self.attempt, attempts=self.attempts,
+            submitted_at=self.submitted_at, started_at=self.started_at, finished_at=self.finished_at,
+            worker=self.worker, pid=self.pid, create_time=self.create_time, exit_code=self.exit_code,
+            signal=self.signal, result=self.result, error=effect_error(self.error), sizes=self.sizes,
+            truncated=self.truncated, leaked_processes=self.leaked_processes, progress=self.progress,
+            not_before=self.not_before, cancel_requested=self.cancel_requested, spec=spec,
+        ))
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Effect:

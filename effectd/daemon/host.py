@@ -17,6 +17,7 @@ from effectd.daemon.liveness import HearingClock
 from effectd.daemon.policy import CrashBackoff
 from effectd.daemon.retention import Retention
 from effectd.daemon.waits import WaitTable
+from effectd.ipc import records
 from effectd.ipc.errors import EffectdError
 from effectd.ipc.schema import Request
 from effectd.journal import Journal, OutputStore
@@ -56,7 +57,7 @@ class Host(Protocol):
     @property
     def crashes(self) -> CrashBackoff: ...
 
-    def reply(self, ident: bytes, request_id: Any, fields: dict[str, Any], durable: bool = True) -> None: ...
+    def reply(self, ident: bytes, request_id: Any, reply: records.Reply, durable: bool = True) -> None: ...
 
     def reply_error(self, ident: bytes, request_id: Any, exc: EffectdError) -> None: ...
 

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from effectd.daemon.core import Effect
 from effectd.daemon.host import Host
 from effectd.ipc.errors import DiskFull, EffectdError, InternalError, QueueFull, Unavailable
+from effectd.ipc.records import SubmitManyReply
 from effectd.ipc.schema import Request, check_effect_spec
 from effectd.journal import Journal
 
@@ -220,7 +221,7 @@ class Intake:
             if isinstance(outcome, EffectdError):
                 self.d.reply_error(ident, request_id, outcome)
             else:
-                self.d.reply(ident, request_id, {"ids": outcome}, durable=True)
+                self.d.reply(ident, request_id, SubmitManyReply(ids=outcome), durable=True)
 
     # ---- start and stop -------------------------------------------------------------------
 

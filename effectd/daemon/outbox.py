@@ -15,9 +15,9 @@ from typing import Any
 import zmq
 
 from effectd.daemon.sockets import Sockets
-from effectd.ipc import auth, codec
+from effectd.ipc import auth, codec, messages, records
 from effectd.ipc.errors import EffectdError, InternalError, TooLarge, Unavailable
-from effectd.ipc.schema import error_reply, event_header, ok_reply, request_id_of
+from effectd.ipc.schema import request_id_of
 
 log = logging.getLogger("effectd.daemon")
 
@@ -35,13 +35,14 @@ class Outbox:
     def queue(self, sock: zmq.Socket[bytes], frames: list[bytes], durable: bool = True) -> None:
         self._items.append((sock, frames, durable))
 
-    def reply(self, ident: bytes, request_id: Any, fields: dict[str, Any], durable: bool = True) -> None:
+    def reply(self, ident: bytes, request_id: Any, reply: records.Reply, durable: bool = True) -> None:
         """Queue a reply. ``durable`` replies (to mutating requests, and waits reporting final
         states) are replaced by ``disk_full`` if the batch fails to commit; read-only replies
         are sent regardless, so a daemon on a full disk still answers hello/status/list."""
         failure: EffectdError | None = None
         try:
-            body = codec.pack(ok_reply(request_id, **fields))
+            reply.rid = request_id
+            body = records.encode_reply(reply)
         except (ValueError, TypeError, OverflowError) as exc:  # e.g. msgpack's recursion limit
             log.error("reply to %r could not be encoded: %s", request_id, exc)
             failure = InternalError(f"reply could not be encoded: {exc}")
@@ -58,16 +59,16 @@ class Outbox:
         self.queue(self.sockets.control, [ident, b"", body], durable)
 
     def reply_error(self, ident: bytes, request_id: Any, exc: EffectdError) -> None:
-        self.queue(self.sockets.control, [ident, b"", codec.pack(error_reply(request_id, exc.code, exc.message))],
+        self.queue(self.sockets.control, [ident, b"", records.error_reply(request_id, exc.code, exc.message)],
                    durable=False)
 
-    def to_worker(self, worker_id: str, msg: dict[str, Any], durable: bool = True) -> None:
+    def to_worker(self, worker_id: str, msg: messages.DaemonMessage, durable: bool = True) -> None:
         """``durable`` messages (assign, ack) announce journaled facts and are dropped if the
         batch fails to commit; control messages (cancel, stop) are sent regardless."""
         try:
-            body = codec.pack(msg)
+            body = messages.encode(msg)
         except (ValueError, TypeError, OverflowError) as exc:
-            log.error("message %s to worker %s could not be encoded: %s", msg.get("t"), worker_id, exc)
+            log.error("message %s to worker %s could not be encoded: %s", type(msg).__name__, worker_id, exc)
             return
         self.send_worker(worker_id.encode(), body, durable)
 
@@ -76,8 +77,9 @@ class Outbox:
         so a process that binds a fake workers.sock cannot make them run anything."""
         self.queue(self.sockets.workers, [ident, body, auth.sign(self.worker_key, body)], durable)
 
-    def publish_event(self, effect_id: str, event: str, **fields: Any) -> None:
-        self.queue(self.sockets.stream, [effect_id.encode(), codec.pack(event_header(event, **fields)), b""])
+    def publish_event(self, effect_id: str, event: messages.EventType, **fields: Any) -> None:
+        header = messages.EventHeader(event=event, **fields)
+        self.queue(self.sockets.stream, [effect_id.encode(), messages.encode(header), b""])
 
     def refuse_durable(self, exc: Unavailable) -> None:
         """The batch failed to commit: its replies become ``exc``; its other durable messages are dropped."""
@@ -90,7 +92,7 @@ class Outbox:
                     rid = request_id_of(codec.unpack(frames[2]))
                 except EffectdError:
                     rid = None
-                kept.append((sock, [frames[0], b"", codec.pack(error_reply(rid, exc.code, exc.message))], False))
+                kept.append((sock, [frames[0], b"", records.error_reply(rid, exc.code, exc.message)], False))
             # assignments, acks and events of the failed batch are dropped: the journal is the truth
         self._items = kept
 

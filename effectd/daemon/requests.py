@@ -1,4 +1,4 @@
-"""Control-request handlers: one method per op, each returning the reply fields.
+"""Control-request handlers: one method per op, each returning its typed reply (ipc/records.py).
 
 Handlers change the scheduler's state and stage journal writes; the server commits the batch
 once per loop turn and only then sends the replies (group commit: nothing is acknowledged
@@ -18,7 +18,7 @@ from effectd.daemon.host import Host
 from effectd.daemon.intake import INLINE_BATCH
 from effectd.daemon.waits import Waiter, WaitOutcome
 from effectd.ipc import codec
-from effectd.ipc.codec import PackedArray
+from effectd.ipc import records as r
 from effectd.ipc.errors import (
     InvalidState,
     NotFound,
@@ -50,8 +50,8 @@ class RequestHandlers:
         self.d = host
         self.credits = ReadCredits(total_inflight())
 
-    def dispatch(self, ident: bytes, req: Request) -> dict[str, Any] | None:
-        """Reply fields, or None when the request was parked (wait)."""
+    def dispatch(self, ident: bytes, req: Request) -> r.Reply | None:
+        """The reply, or None when the request was parked (wait)."""
         self.credits.request_from(ident)
         method = getattr(self, f"op_{req.op}")
         return method(ident, req)  # type: ignore[no-any-return]
@@ -67,7 +67,7 @@ class RequestHandlers:
             return rec
         return self.d.journal.get(effect_id)
 
-    def packed_records(self, ids: list[str]) -> tuple[PackedArray, list[str]]:
+    def packed_records(self, ids: list[str]) -> tuple[list[r.PackedRecord], list[str]]:
         """The records of the distinct ``ids`` (first occurrence order), each encoded once within
         the reply budget, and the ids among them that are final. Raises NotFound / TooLarge.
 
@@ -75,7 +75,7 @@ class RequestHandlers:
         budget before the request is refused, never a reply the size of their sum."""
         distinct = list(dict.fromkeys(ids))
         self.check_exist(distinct)
-        out = PackedArray()
+        out: list[r.PackedRecord] = []
         done: list[str] = []
         size = 0
         for eid in distinct:
@@ -84,7 +84,7 @@ class RequestHandlers:
             if size > RECORDS_BUDGET:
                 raise TooLarge(f"the records of these {len(distinct)} effects exceed the reply limit of "
                                f"{codec.MAX_REPLY_BYTES} bytes after {len(out)} of them; ask for fewer ids")
-            out.append(item)
+            out.append(r.PackedRecord(item))
             if state in FINAL_STATES:
                 done.append(eid)
         return out, done
@@ -115,38 +115,37 @@ class RequestHandlers:
 
     # ---- ops ------------------------------------------------------------------------------
 
-    def op_hello(self, ident: bytes, req: Request) -> dict[str, Any]:
+    def op_hello(self, ident: bytes, req: Request) -> r.HelloReply:
         d = self.d
-        return {
-            "protocol": PROTOCOL_VERSION,
-            "min_protocol": MIN_PROTOCOL_VERSION,
-            "max_protocol": MAX_PROTOCOL_VERSION,
-            "capabilities": list(CAPABILITIES),
-            "daemon_version": __version__,
-            "instance": d.instance,
-            "pid": os.getpid(),
-            "uptime": time.monotonic() - d.started,
-            "journal_commits": d.journal.commits,
-            "counts": d.journal.counts(),
-            "workers": [
-                {"id": w.id, "pid": w.pid, "state": w.state.value, "effects": len(w.effects),
-                 "effects_done": w.effects_done, "rss": w.rss}
+        return r.HelloReply(
+            protocol=PROTOCOL_VERSION,
+            min_protocol=MIN_PROTOCOL_VERSION,
+            max_protocol=MAX_PROTOCOL_VERSION,
+            capabilities=list(CAPABILITIES),
+            daemon_version=__version__,
+            instance=d.instance,
+            pid=os.getpid(),
+            uptime=time.monotonic() - d.started,
+            journal_commits=d.journal.commits,
+            counts=d.journal.counts(),
+            workers=[
+                r.WorkerInfo(id=w.id, pid=w.pid, state=w.state.value, effects=len(w.effects),
+                             effects_done=w.effects_done, rss=w.rss)
                 for w in d.sched.live_workers()
             ],
-            "worker_crashes": d.crashes.failures,
-            "worker_crashes_recent": d.crashes.recent(),
-            "spawn_backoff": d.crashes.remaining(),
-            "draining": d.draining,
-            "loop": {"worst_turn": round(d.worst_turn, 4), "deaf_seconds": round(d.hearing.deaf_total, 3)},
-            "read_inflight": self.credits.inflight,
-            "read_busy": self.credits.busy_answers,
-            "managed_by": d.managed_by,
-            "runtime_dir": str(d.config.runtime_dir),
-            "state_dir": str(d.config.state_dir),
-            "limits": {"parallel": d.config.parallel, "max_workers": d.config.max_workers,
-                       "max_queued": d.config.max_queued,
-                       "max_output_bytes": d.config.max_output_bytes},
-        }
+            worker_crashes=d.crashes.failures,
+            worker_crashes_recent=d.crashes.recent(),
+            spawn_backoff=d.crashes.remaining(),
+            draining=d.draining,
+            loop=r.LoopInfo(worst_turn=round(d.worst_turn, 4), deaf_seconds=round(d.hearing.deaf_total, 3)),
+            read_inflight=self.credits.inflight,
+            read_busy=self.credits.busy_answers,
+            managed_by=d.managed_by,
+            runtime_dir=str(d.config.runtime_dir),
+            state_dir=str(d.config.state_dir),
+            limits=r.LimitsInfo(parallel=d.config.parallel, max_workers=d.config.max_workers,
+                                max_queued=d.config.max_queued, max_output_bytes=d.config.max_output_bytes),
+        )
 
     def new_effect(self, spec: dict[str, Any], now: float) -> Effect:
         """A new effect for a validated spec (its dependencies must exist); not yet added or journaled."""
@@ -189,11 +188,11 @@ class RequestHandlers:
             d.journal.put_request_key(request_key, [e.id for e in effects])
         return [e.id for e in effects]
 
-    def op_submit(self, ident: bytes, req: Request) -> dict[str, Any]:
+    def op_submit(self, ident: bytes, req: Request) -> r.SubmitReply:
         ids = self._submit([req.args["effect"]], req.args["request_key"])
-        return {"id": ids[0], "state": self.state_of(ids[0]).value}  # type: ignore[union-attr]
+        return r.SubmitReply(id=ids[0], state=self.state_of(ids[0]).value)  # type: ignore[union-attr]
 
-    def op_submit_many(self, ident: bytes, req: Request) -> dict[str, Any] | None:
+    def op_submit_many(self, ident: bytes, req: Request) -> r.SubmitManyReply | None:
         """A small batch is taken in now; a big one over several loop turns (daemon/intake.py),
         answered once all of it is durable (None: the reply comes later)."""
         specs = req.args["effects"]  # the server parses requests with check_batch=False
@@ -203,16 +202,16 @@ class RequestHandlers:
             self.d.intake.admit(ident, req)
             return None
         checked = [check_effect_spec(spec, f"effects[{i}].") for i, spec in enumerate(specs)]
-        return {"ids": self._submit(checked, req.args["request_key"])}
+        return r.SubmitManyReply(ids=self._submit(checked, req.args["request_key"]))
 
-    def op_status(self, ident: bytes, req: Request) -> dict[str, Any]:
-        return {"effects": self.packed_records(req.args["ids"])[0]}
+    def op_status(self, ident: bytes, req: Request) -> r.StatusReply:
+        return r.StatusReply(effects=self.packed_records(req.args["ids"])[0])
 
-    def op_list(self, ident: bytes, req: Request) -> dict[str, Any]:
+    def op_list(self, ident: bytes, req: Request) -> r.ListReply:
         """A page ends at ``limit`` records or at the reply budget (``truncated``), whichever
         comes first; the client continues with ``before`` = the last id it got."""
         a = req.args
-        out = PackedArray()
+        out: list[r.PackedRecord] = []
         size = 0
         truncated = False
         for eid, item in self.d.journal.list_packed(states=a["states"], labels=a["labels"], name=a["name"],
@@ -226,19 +225,19 @@ class RequestHandlers:
                                    f"{codec.MAX_REPLY_BYTES} bytes")
                 truncated = True
                 break
-            out.append(item)
-        return {"effects": out, "truncated": truncated}
+            out.append(r.PackedRecord(item))
+        return r.ListReply(effects=out, truncated=truncated)
 
     def _wait_done(self, ids: list[str], first: bool) -> bool:
         finals = [self.state_of(i) in FINAL_STATES for i in ids]
         return any(finals) if first else all(finals)
 
-    def wait_reply(self, ids: list[str], timed_out: bool) -> dict[str, Any]:
+    def wait_reply(self, ids: list[str], timed_out: bool) -> r.WaitReply:
         # The same records as status/list (protocol.md §7.1); the reply budget bounds their size.
         recs, done = self.packed_records(ids)
-        return {"effects": recs, "done": done, "timed_out": timed_out}
+        return r.WaitReply(effects=recs, done=done, timed_out=timed_out)
 
-    def op_wait(self, ident: bytes, req: Request) -> dict[str, Any] | None:
+    def op_wait(self, ident: bytes, req: Request) -> r.WaitReply | None:
         ids = list(dict.fromkeys(req.args["ids"]))
         self.check_exist(ids)  # NotFound before parking
         first = req.args["return_when"] == "first"
@@ -258,29 +257,31 @@ class RequestHandlers:
             except NotFound as exc:  # garbage-collected meanwhile
                 self.d.reply_error(w.ident, w.request_id, exc)
 
-    def op_result(self, ident: bytes, req: Request) -> dict[str, Any]:
+    def op_result(self, ident: bytes, req: Request) -> r.ResultReply:
         rec = self.record(req.args["id"])
         if rec is None:
             raise NotFound(f"no effect with id {req.args['id']}")
         if EffectState(rec["state"]) not in FINAL_STATES:
             raise InvalidState(f"effect {rec['id']} is {rec['state']}; its result is not known yet")
-        return {k: rec.get(k) for k in RESULT_FIELDS}
+        fields: dict[str, Any] = {k: rec.get(k) for k in RESULT_FIELDS}
+        return r.ResultReply(**fields)
 
-    def op_cancel(self, ident: bytes, req: Request) -> dict[str, Any]:
+    def op_cancel(self, ident: bytes, req: Request) -> r.CancelReply:
         d = self.d
         self.check_exist(req.args["ids"])
         reason = req.args["reason"] or "cancelled"
-        results = []
+        results: list[r.CancelOutcome] = []
         for eid in req.args["ids"]:
             eff = d.sched.effects.get(eid)
             if eff is None:
-                results.append({"id": eid, "state": self.state_of(eid).value, "cancelled": False})  # type: ignore[union-attr]
+                results.append(r.CancelOutcome(id=eid, state=self.state_of(eid).value,  # type: ignore[union-attr]
+                                               cancelled=False))
                 continue
             d.cancel_effect(eff, reason)
-            results.append({"id": eid, "state": eff.state.value, "cancelled": True})
-        return {"effects": results}
+            results.append(r.CancelOutcome(id=eid, state=eff.state.value, cancelled=True))
+        return r.CancelReply(effects=results)
 
-    def op_read_output(self, ident: bytes, req: Request) -> dict[str, Any]:
+    def op_read_output(self, ident: bytes, req: Request) -> r.ReadOutputReply:
         a = req.args
         state = self.state_of(a["id"])
         if state is None:
@@ -297,11 +298,11 @@ class RequestHandlers:
             size = max(size, next_offset)
         self.credits.charge(ident, len(data), last=final and next_offset >= size)
         # An offset past the end reads nothing and must not be reported as the stream's size.
-        return {"id": a["id"], "stream": a["stream"], "offset": a["offset"], "data": data,
-                "next_offset": next_offset, "size": size, "state": state.value,
-                "final": final, "eof": final and next_offset >= size}
+        return r.ReadOutputReply(id=a["id"], stream=a["stream"], offset=a["offset"], data=data,
+                                 next_offset=next_offset, size=size, state=state.value,
+                                 final=final, eof=final and next_offset >= size)
 
-    def op_group_set(self, ident: bytes, req: Request) -> dict[str, Any]:
+    def op_group_set(self, ident: bytes, req: Request) -> r.GroupSetReply:
         name, parallel = req.args["name"], req.args["parallel"]
         limits = self.d.sched.group_limits
         if parallel is None:
@@ -309,21 +310,22 @@ class RequestHandlers:
         else:
             limits[name] = parallel
         self.d.journal.set_meta("group_limits", dict(limits))
-        return {"name": name, "parallel": parallel}
+        return r.GroupSetReply(name=name, parallel=parallel)
 
-    def op_groups(self, ident: bytes, req: Request) -> dict[str, Any]:
-        stats: dict[str, dict[str, Any]] = {
-            name: {"name": name, "parallel": limit, "running": 0, "queued": 0}
-            for name, limit in self.d.sched.group_limits.items()}
+    def op_groups(self, ident: bytes, req: Request) -> r.GroupsReply:
+        stats = {name: r.GroupInfo(name=name, parallel=limit) for name, limit in self.d.sched.group_limits.items()}
         for eff in self.d.sched.effects.values():
             if eff.group:
-                g = stats.setdefault(eff.group, {"name": eff.group, "parallel": None, "running": 0, "queued": 0})
-                g[eff.state.value] = g.get(eff.state.value, 0) + 1
-        return {"groups": sorted(stats.values(), key=lambda g: g["name"])}
+                g = stats.setdefault(eff.group, r.GroupInfo(name=eff.group, parallel=None))
+                if eff.state is EffectState.RUNNING:
+                    g.running += 1
+                elif eff.state is EffectState.QUEUED:
+                    g.queued += 1
+        return r.GroupsReply(groups=sorted(stats.values(), key=lambda g: g.name))
 
-    def op_gc(self, ident: bytes, req: Request) -> dict[str, Any]:
-        return self.d.retention.collect(**{k: v for k, v in req.args.items() if v is not None})
+    def op_gc(self, ident: bytes, req: Request) -> r.GcReply:
+        return r.GcReply(**self.d.retention.collect(**{k: v for k, v in req.args.items() if v is not None}))
 
-    def op_shutdown(self, ident: bytes, req: Request) -> dict[str, Any]:
+    def op_shutdown(self, ident: bytes, req: Request) -> r.ShutdownReply:
         self.d.begin_shutdown(drain=req.args["drain"])
-        return {"stopping": True, "drain": req.args["drain"]}
+        return r.ShutdownReply(stopping=True, drain=req.args["drain"])

@@ -40,7 +40,7 @@ from effectd.daemon.shutdown import SHUTDOWN_OVERRUN, DrainAction, Shutdown
 from effectd.daemon.sockets import MAX_BATCH, Sockets
 from effectd.daemon.supervisor import Supervisor
 from effectd.daemon.waits import WaitTable
-from effectd.ipc import auth, codec
+from effectd.ipc import auth, codec, messages, records
 from effectd.ipc.constants import EXIT_JOURNAL_LOST
 from effectd.ipc.dirs import RUNTIME_DIR, ensure_private_dir
 from effectd.ipc.endpoints import Endpoints
@@ -53,7 +53,7 @@ from effectd.ipc.errors import (
     Unavailable,
     UnsafeDirectory,
 )
-from effectd.ipc.schema import OPS, EffectState, event_header, parse_request, request_id_of
+from effectd.ipc.schema import OPS, EffectState, parse_request, request_id_of
 from effectd.journal import Journal, OutputStore
 
 log = logging.getLogger("effectd.daemon")
@@ -198,8 +198,8 @@ class Daemon:
 
     # ---- outbox (sent after the commit) ---------------------------------------------------
 
-    def reply(self, ident: bytes, request_id: Any, fields: dict[str, Any], durable: bool = True) -> None:
-        self.outbox.reply(ident, request_id, fields, durable)
+    def reply(self, ident: bytes, request_id: Any, reply: records.Reply, durable: bool = True) -> None:
+        self.outbox.reply(ident, request_id, reply, durable)
 
     def reply_error(self, ident: bytes, request_id: Any, exc: EffectdError) -> None:
         self.outbox.reply_error(ident, request_id, exc)
@@ -297,7 +297,7 @@ class Daemon:
         self.journal.savepoint()
         failure: EffectdError | None = None
         try:
-            fields = self.handlers.dispatch(ident, req)
+            reply = self.handlers.dispatch(ident, req)
         except EffectdError as exc:
             failure = exc
         except MemoryError:
@@ -314,8 +314,8 @@ class Daemon:
             self.reply_error(ident, req.id, failure)
             return
         self.journal.release_savepoint()
-        if fields is not None:
-            self.reply(ident, req.id, fields, durable=OPS[req.op].mutating or req.op == "wait")
+        if reply is not None:
+            self.reply(ident, req.id, reply, durable=OPS[req.op].mutating or req.op == "wait")
 
     # ---- periodic work --------------------------------------------------------------------
 
@@ -374,7 +374,7 @@ class Daemon:
                           SHUTDOWN_OVERRUN, len(running))
                 for w in self.sched.workers.values():
                     if w.state is not WorkerState.DEAD:
-                        self.outbox.to_worker(w.id, {"t": "stop", "reason": "daemon_stopped"}, durable=False)
+                        self.outbox.to_worker(w.id, messages.Stop(reason="daemon_stopped"), durable=False)
                 self.stop_requested = True
             elif action is DrainAction.INTERRUPT:
                 for eff in running:
@@ -455,8 +455,8 @@ class Daemon:
         """Tell each new subscriber its subscription is live (no sleeping, no nudging)."""
         for topic in topics:
             state = self.handlers.state_of(topic.decode(errors="replace"))
-            self.outbox.queue(self.sockets.stream, [topic, codec.pack(event_header(
-                "subscribed", state=state.value if state else None)), b""], durable=False)
+            header = messages.EventHeader(event="subscribed", state=state.value if state else None)
+            self.outbox.queue(self.sockets.stream, [topic, messages.encode(header), b""], durable=False)
 
     def close(self) -> None:
         for waiter in self.waits.take_all():

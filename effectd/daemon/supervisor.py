@@ -36,17 +36,10 @@ from effectd.daemon.pool import WorkerProcesses
 from effectd.daemon.proctree import ProcessIdentity, TreeKill, effect_processes
 from effectd.daemon.shutdown import Shutdown
 from effectd.daemon.waits import WaitTable
-from effectd.ipc import codec
+from effectd.ipc import messages
 from effectd.ipc.constants import HEARTBEAT_LIVENESS
 from effectd.ipc.errors import EffectdError
-from effectd.ipc.schema import (
-    WORKER_TO_DAEMON,
-    EffectKind,
-    EffectState,
-    check_finish,
-    check_running_report,
-    parse_worker_message,
-)
+from effectd.ipc.schema import EffectKind, EffectState
 from effectd.journal import Journal, OutputStore
 
 log = logging.getLogger("effectd.daemon")
@@ -126,7 +119,7 @@ class Supervisor:
             if eff.id in self.adoption:  # no worker to ask (yet): cancelled by the kill itself
                 self.kill_then_conclude(eff, EffectState.CANCELLED, reason)
             elif eff.worker:
-                self.outbox.to_worker(eff.worker, {"t": "cancel", "id": eff.id, "reason": reason}, durable=False)
+                self.outbox.to_worker(eff.worker, messages.Cancel(id=eff.id, reason=reason), durable=False)
 
     def unclaimed_after_crash(self, eff: Effect) -> None:
         """No worker claimed a recovered running effect within the adopt grace. At most once:
@@ -161,74 +154,72 @@ class Supervisor:
             return
         wid = frames[0].decode(errors="replace")
         try:
-            kind, msg = parse_worker_message(codec.unpack(frames[1], max_bytes=codec.MAX_WORKER_MESSAGE_BYTES),
-                                             WORKER_TO_DAEMON)
+            msg = messages.decode_worker_message(frames[1])
         except EffectdError as exc:
             log.warning("bad message from worker %s: %s", wid, exc)
             return
         worker = self.sched.workers.get(wid)
-        if kind == "ready":
+        if isinstance(msg, messages.Ready):
             self.worker_ready(wid, msg)
             return
         if worker is None or worker.state is WorkerState.DEAD:
-            self.outbox.send_worker(frames[0], codec.pack({"t": "reset"}))
+            self.outbox.send_worker(frames[0], messages.encode(messages.Reset()))
             return
         worker.last_seen = self.hearing.now()
-        if kind == "hb":
-            worker.effects_done = msg.get("effects_done") or worker.effects_done
-        elif kind == "started":
-            eff = self.sched.effects.get(msg["id"])
-            if eff is not None and eff.attempt == msg["attempt"] and eff.state is EffectState.RUNNING:
+        if isinstance(msg, messages.Heartbeat):
+            worker.effects_done = msg.effects_done or worker.effects_done
+            worker.rss = msg.rss or worker.rss
+        elif isinstance(msg, messages.Started):
+            eff = self.sched.effects.get(msg.id)
+            if eff is not None and eff.attempt == msg.attempt and eff.state is EffectState.RUNNING:
                 if eff.id in self.adoption and eff.id not in self.pending_kills:
                     # An assignment of the previous daemon that this worker read only now: it
                     # claims the effect, which is as good as re-adoption.
                     self.claimed_by(eff, worker)
-                eff.pid, eff.create_time = msg.get("pid"), msg.get("create_time")
-                eff.started_at = reported_time(msg.get("started_at"), eff.submitted_at, time.time()) or eff.started_at
+                eff.pid, eff.create_time = msg.pid, msg.create_time
+                eff.started_at = reported_time(msg.started_at, eff.submitted_at, time.time()) or eff.started_at
                 self.journal.put_effect(eff.to_record(), "started", {"pid": eff.pid})
-        elif kind == "finished":
+        elif isinstance(msg, messages.Finished):
             self.effect_finished(wid, msg)
-        elif kind == "progress":
-            eff = self.sched.effects.get(msg["id"])
+        elif isinstance(msg, messages.Progress):
+            eff = self.sched.effects.get(msg.id)
             if eff is not None:
-                eff.progress = {"fraction": msg.get("fraction"), "message": msg.get("message"),
-                                "time": time.time()}
-                self.outbox.publish_event(eff.id, "progress", fraction=msg.get("fraction"),
-                                          message=msg.get("message"), time=time.time())
-        elif kind == "bye":
+                eff.progress = {"fraction": msg.fraction, "message": msg.message, "time": time.time()}
+                self.outbox.publish_event(eff.id, "progress", fraction=msg.fraction, message=msg.message,
+                                          time=time.time())
+        elif isinstance(msg, messages.Bye):
             worker.state = WorkerState.STOPPING  # takes no new work; reaped when it exits
 
-    def worker_ready(self, wid: str, msg: dict[str, Any]) -> None:
+    def worker_ready(self, wid: str, msg: messages.Ready) -> None:
         worker = self.sched.workers.get(wid)
         if worker is None or worker.state is WorkerState.DEAD:
-            worker = Worker(id=wid, pid=msg["pid"], spawned_by_us=wid in self.procs.children)
+            worker = Worker(id=wid, pid=msg.pid, spawned_by_us=wid in self.procs.children)
             if not worker.spawned_by_us:
-                self.procs.adopted_pids[wid] = msg["pid"]
-                log.info("worker %s (pid %d) of an earlier daemon reconnected", wid, msg["pid"])
+                self.procs.adopted_pids[wid] = msg.pid
+                log.info("worker %s (pid %d) of an earlier daemon reconnected", wid, msg.pid)
             self.sched.add_worker(worker)
         if worker.state is WorkerState.STARTING:
             worker.state = WorkerState.READY
-        worker.pid = msg["pid"]
-        worker.slots = msg["slots"]
+        worker.pid = msg.pid
+        worker.slots = msg.slots
         worker.last_seen = self.hearing.now()
         worker.idle_since = worker.idle_since or time.monotonic()
-        worker.effects_done = msg.get("effects_done") or 0
-        for report in msg.get("finished") or []:
+        worker.effects_done = msg.effects_done or 0
+        for report in msg.finished or []:
             with contextlib.suppress(EffectdError):
-                self.effect_finished(wid, check_finish(report))
-        for report in msg.get("running") or []:
+                self.effect_finished(wid, messages.check_report(report, messages.Finished))
+        for report in msg.running or []:
             try:
-                rep = check_running_report(report)
+                rep: messages.RunningReport = messages.check_report(report, messages.RunningReport)
             except EffectdError:
                 continue
-            eff = self.sched.effects.get(rep["id"])
-            if (eff is not None and eff.state is EffectState.RUNNING and eff.attempt == rep["attempt"]
+            eff = self.sched.effects.get(rep.id)
+            if (eff is not None and eff.state is EffectState.RUNNING and eff.attempt == rep.attempt
                     and eff.id not in self.pending_kills):
                 if eff.id in self.adoption or eff.worker != wid:
-                    eff.pid = rep.get("pid") or eff.pid
-                    eff.create_time = rep.get("create_time") or eff.create_time
-                    eff.started_at = (reported_time(rep.get("started_at"), eff.submitted_at, time.time())
-                                      or eff.started_at)
+                    eff.pid = rep.pid or eff.pid
+                    eff.create_time = rep.create_time or eff.create_time
+                    eff.started_at = reported_time(rep.started_at, eff.submitted_at, time.time()) or eff.started_at
                     self.claimed_by(eff, worker)
                 else:
                     worker.effects.add(eff.id)
@@ -236,8 +227,8 @@ class Supervisor:
                         worker.python_effect = eff.id
             else:
                 # Not ours to run (already final, or unknown to this journal): stop it.
-                self.outbox.to_worker(wid, {"t": "cancel", "id": rep["id"], "reason": "not_adopted"}, durable=False)
-        self.outbox.send_worker(wid.encode(), codec.pack({"t": "welcome", "instance": self.instance}))
+                self.outbox.to_worker(wid, messages.Cancel(id=rep.id, reason="not_adopted"), durable=False)
+        self.outbox.send_worker(wid.encode(), messages.encode(messages.Welcome(instance=self.instance)))
 
     def claimed_by(self, eff: Effect, worker: Worker) -> None:
         """Re-adopt a recovered effect on the worker that reports running it."""
@@ -249,24 +240,23 @@ class Supervisor:
             worker.python_effect = eff.id
         self.journal.put_effect(eff.to_record(), "adopted", {"worker": worker.id})
 
-    def effect_finished(self, wid: str, rep: dict[str, Any]) -> None:
-        eff = self.sched.effects.get(rep["id"])
-        if eff is not None and eff.state is EffectState.RUNNING and eff.attempt == rep["attempt"]:
-            state, reason = reported_outcome(EffectState(rep["state"]), rep.get("reason"), eff.cancel_requested)
-            fields = {k: rep.get(k) for k in ("exit_code", "signal", "result", "error")}
-            fields["sizes"] = rep.get("sizes") or {}
-            fields["truncated"] = rep.get("truncated") or {}
-            fields["leaked_processes"] = rep.get("leaked_processes") or 0
+    def effect_finished(self, wid: str, rep: messages.Finished) -> None:
+        eff = self.sched.effects.get(rep.id)
+        if eff is not None and eff.state is EffectState.RUNNING and eff.attempt == rep.attempt:
+            state, reason = reported_outcome(EffectState(rep.state), rep.reason, eff.cancel_requested)
+            fields = {"exit_code": rep.exit_code, "signal": rep.signal, "result": rep.result, "error": rep.error,
+                      "sizes": rep.sizes or {}, "truncated": rep.truncated or {},
+                      "leaked_processes": rep.leaked_processes or 0}
             self.pending_kills.pop(eff.id, None)
             # The worker's own clock says when it ran: a report delivered after a daemon restart
             # must not stretch the effect to the time of re-adoption.
             wall = time.time()
-            eff.started_at = reported_time(rep.get("started_at"), eff.submitted_at, wall) or eff.started_at
+            eff.started_at = reported_time(rep.started_at, eff.submitted_at, wall) or eff.started_at
             self.conclude(eff, state, reason=reason, fields=fields,
-                          finished_at=reported_time(rep.get("finished_at"), eff.started_at or eff.submitted_at, wall))
+                          finished_at=reported_time(rep.finished_at, eff.started_at or eff.submitted_at, wall))
         # Duplicates and late reports never change a final state; always acknowledge them so the
         # worker forgets the report.
-        self.outbox.to_worker(wid, {"t": "ack", "id": rep["id"], "attempt": rep["attempt"]})
+        self.outbox.to_worker(wid, messages.Ack(id=rep.id, attempt=rep.attempt))
 
     def worker_lost(self, worker: Worker, why: str) -> None:
         if worker.state is WorkerState.DEAD:
@@ -302,7 +292,7 @@ class Supervisor:
                 self.outputs.prepare(eff.id)
             self.sched.start(eff, worker, wall)
             self.journal.put_effect(eff.to_record(), "running", {"worker": worker.id, "attempt": eff.attempt})
-            self.outbox.to_worker(worker.id, {"t": "assign", "id": eff.id, "attempt": eff.attempt, "spec": eff.spec})
+            self.outbox.to_worker(worker.id, messages.Assign(id=eff.id, attempt=eff.attempt, spec=eff.spec))
             self.outbox.publish_event(eff.id, "started", state="running", attempt=eff.attempt, time=wall)
         if spawn and self.crashes.may_spawn(now):
             for _ in range(spawn):
@@ -320,7 +310,7 @@ class Supervisor:
     def retire(self, worker: Worker, why: str) -> None:
         log.info("retiring worker %s (%s)", worker.id, why)
         worker.state = WorkerState.STOPPING
-        self.outbox.to_worker(worker.id, {"t": "stop", "reason": why}, durable=False)
+        self.outbox.to_worker(worker.id, messages.Stop(reason=why), durable=False)
 
     def retire_all(self) -> None:
         for w in [w for w in self.sched.workers.values() if w.state is not WorkerState.DEAD]:
@@ -353,7 +343,7 @@ class Supervisor:
         if self.heartbeats.due(now):
             for worker in self.sched.workers.values():
                 if worker.state in (WorkerState.READY, WorkerState.STOPPING):
-                    self.outbox.send_worker(worker.id.encode(), codec.pack({"t": "hb"}))
+                    self.outbox.send_worker(worker.id.encode(), messages.encode(messages.DaemonHeartbeat()))
 
     def judge_unclaimed(self, now: float) -> None:
         for eid in self.adoption.expired(now):

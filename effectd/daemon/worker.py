@@ -37,7 +37,7 @@ from effectd.daemon.kinds.spawn import ProgressFd
 from effectd.daemon.liveness import TURN_ALLOWANCE, HearingClock
 from effectd.daemon.output import OutputWriter
 from effectd.daemon.proctree import DEFAULT_KILL_GRACE, become_subreaper, reap_orphan_zombies
-from effectd.ipc import auth, codec
+from effectd.ipc import auth, messages
 from effectd.ipc.constants import (
     DEFAULT_MAX_OUTPUT_BYTES,
     DEFAULT_ORPHAN_TIMEOUT,
@@ -48,15 +48,21 @@ from effectd.ipc.dirs import RUNTIME_DIR, pin_dir
 from effectd.ipc.endpoints import Endpoints, stream_hwm
 from effectd.ipc.errors import EffectdError, UnsafeDirectory
 from effectd.ipc.layout import effect_dir
-from effectd.ipc.schema import (
-    DAEMON_TO_WORKER,
-    PROTOCOL_VERSION,
-    chunk_header,
-    parse_worker_message,
-)
+from effectd.ipc.schema import PROTOCOL_VERSION
 from effectd.journal.outputs import claim_attempt
 
 log = logging.getLogger("effectd.worker")
+
+
+
+def own_rss() -> int | None:
+    """This process's resident set size in bytes, sent with each heartbeat (``hello`` reports
+    it per worker); None if /proc cannot tell."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 REAP_INTERVAL = 0.2
 """How often orphaned zombies (adopted as subreaper) are reaped."""
@@ -168,27 +174,36 @@ class WorkerProcess:
         self.pub.close(linger=0)
         self.pub = self._new_pub()
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: messages.WorkerMessage) -> None:
         try:
-            self.dealer.send(codec.pack(msg), zmq.NOBLOCK)
+            self.dealer.send(messages.encode(msg), zmq.NOBLOCK)
             self.last_sent = time.monotonic()
         except zmq.Again:
-            log.warning("daemon link full; dropped %s message", msg.get("t"))
+            log.warning("daemon link full; dropped %s message", type(msg).__name__)
+
+    def send_finished(self, report: dict[str, Any]) -> None:
+        """A run's completion report (a dict the run built) as the typed message."""
+        try:
+            msg = messages.check_report(report, messages.Finished)
+        except EffectdError as exc:  # a bug in a run: the report would be refused by the daemon too
+            log.error("dropping an invalid completion report of %s: %s", report.get("id"), exc)
+            return
+        self.send(msg)
 
     def send_ready(self) -> None:
-        self.send({
-            "t": "ready", "proto": PROTOCOL_VERSION, "worker": self.worker_id, "pid": os.getpid(),
-            "slots": self.slots, "effects_done": self.effects_done,
-            "running": [r.running_report() for r in self.runs.values() if r.phase is not Phase.DONE],
-            "finished": list(self.unacked.values()),
-        })
+        self.send(messages.Ready(
+            proto=PROTOCOL_VERSION, worker=self.worker_id, pid=os.getpid(), slots=self.slots,
+            running=[r.running_report() for r in self.runs.values() if r.phase is not Phase.DONE],
+            finished=list(self.unacked.values()), effects_done=self.effects_done,
+        ))
 
     def publish(self, effect_id: str, attempt: int, chunks: list[OutputChunk]) -> None:
         topic = effect_id.encode()
         for c in chunks:
             with contextlib.suppress(zmq.Again):
                 self.pub.send_multipart(
-                    [topic, codec.pack(chunk_header(c.stream, c.offset, attempt)), c.data],
+                    [topic, messages.encode(messages.ChunkHeader(stream=c.stream, offset=c.offset,  # type: ignore[arg-type]
+                                                                 attempt=attempt)), c.data],
                     zmq.NOBLOCK, copy=len(c.data) < 4096)
 
     # ---- python output capture ------------------------------------------------------------
@@ -264,32 +279,31 @@ class WorkerProcess:
             self.connected = True
             self.disconnected_since = None
         try:
-            kind, msg = parse_worker_message(codec.unpack(raw, max_bytes=codec.MAX_WORKER_MESSAGE_BYTES),
-                                             DAEMON_TO_WORKER)
+            msg = messages.decode_daemon_message(raw)
         except EffectdError as exc:
             log.error("bad message from daemon: %s", exc)
             return
-        if kind == "assign":
+        if isinstance(msg, messages.Assign):
             if self.exit_after_ack or self.stopping:
-                log.warning("refusing assignment of %s: this worker is leaving", msg["id"])
+                log.warning("refusing assignment of %s: this worker is leaving", msg.id)
                 return
-            self.assign(msg["id"], msg["attempt"], msg["spec"])
-        elif kind == "cancel":
-            run = self.runs.get(msg["id"])
+            self.assign(msg.id, msg.attempt, msg.spec)
+        elif isinstance(msg, messages.Cancel):
+            run = self.runs.get(msg.id)
             if run is not None:
-                run.stop("cancelled", msg.get("reason") or "cancelled")
-        elif kind == "ack":
-            report = self.unacked.get(msg["id"])
-            if report is not None and report["attempt"] == msg["attempt"]:
-                del self.unacked[msg["id"]]
+                run.stop("cancelled", msg.reason or "cancelled")
+        elif isinstance(msg, messages.Ack):
+            report = self.unacked.get(msg.id)
+            if report is not None and report["attempt"] == msg.attempt:
+                del self.unacked[msg.id]
             if self.exit_after_ack and not self.unacked and not self.runs:
                 self.stopping = True
-        elif kind == "reset":
+        elif isinstance(msg, messages.Reset):
             self.send_ready()
-        elif kind == "stop":
+        elif isinstance(msg, messages.Stop):
             self.stopping = True
             for run in self.runs.values():
-                run.stop("cancelled", msg.get("reason") or "worker_stopped")
+                run.stop("cancelled", msg.reason or "worker_stopped")
 
     def assign(self, effect_id: str, attempt: int, spec: dict[str, Any]) -> None:
         if effect_id in self.runs:
@@ -320,8 +334,8 @@ class WorkerProcess:
         else:
             run = SleepRun(effect_id, attempt, spec, writer, **common)
         self.runs[effect_id] = run
-        self.send({"t": "started", "id": effect_id, "attempt": attempt, "pid": run.pid,
-                   "create_time": run.create_time, "started_at": run.started_at})
+        self.send(messages.Started(id=effect_id, attempt=attempt, pid=run.pid, create_time=run.create_time,
+                                   started_at=run.started_at))
 
     def _refuse(self, effect_id: str, attempt: int, exc: OSError) -> None:
         """An attempt that cannot be claimed (its directory is gone or not writable) fails as a
@@ -333,7 +347,7 @@ class WorkerProcess:
                             "traceback": ""},
                   "sizes": {}, "truncated": {}, "started_at": now, "finished_at": now}
         self.unacked[effect_id] = report
-        self.send({"t": "finished", **report})
+        self.send_finished(report)
 
     # ---- loop -----------------------------------------------------------------------------
 
@@ -342,8 +356,7 @@ class WorkerProcess:
             self.publish(run.effect_id, run.attempt, chunks)
         while run.progress:
             fraction, message = run.progress.pop(0)
-            self.send({"t": "progress", "id": run.effect_id, "attempt": run.attempt,
-                       "fraction": fraction, "message": message})
+            self.send(messages.Progress(id=run.effect_id, attempt=run.attempt, fraction=fraction, message=message))
         if run.phase is Phase.DONE and run.report is not None:
             del self.runs[run.effect_id]
             self.effects_done += 1
@@ -352,8 +365,8 @@ class WorkerProcess:
                 # The effect's thread may still be running: this worker must not take more
                 # work. 'bye' goes first, so the daemon never sees it free.
                 self.exit_after_ack = True
-                self.send({"t": "bye", "reason": "python effect could not be stopped"})
-            self.send({"t": "finished", **run.report})
+                self.send(messages.Bye(reason="python effect could not be stopped"))
+            self.send_finished(run.report)
 
     def run(self) -> int:
         become_subreaper()
@@ -451,12 +464,12 @@ class WorkerProcess:
                 self.send_ready()
             return
         if now - self.last_sent >= self.heartbeat:
-            self.send({"t": "hb", "effects_done": self.effects_done})
+            self.send(messages.Heartbeat(effects_done=self.effects_done, rss=own_rss()))
         if self.unacked and now - self.last_resend >= UNACKED_RESEND:
             # A completion the daemon could not journal (e.g. disk full) is offered again.
             self.last_resend = now
             for report in list(self.unacked.values()):
-                self.send({"t": "finished", **report})
+                self.send_finished(report)
 
     def orphaned(self) -> None:
         for run in self.runs.values():
@@ -472,7 +485,7 @@ class WorkerProcess:
         os._exit(3)
 
     def close(self) -> None:
-        self.send({"t": "bye", "reason": "stopping"})
+        self.send(messages.Bye(reason="stopping"))
         self._close_dealer(linger=1000)
         self.pub.close(linger=0)
         self.ctx.term()

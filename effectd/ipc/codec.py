@@ -31,38 +31,13 @@ MAX_REPLY_BYTES = 48 * 1024 * 1024
 16 MiB python result, so it always fits). Clients accept up to MAX_WORKER_MESSAGE_BYTES."""
 
 
-class PackedArray(list[bytes]):
-    """Items already encoded with :func:`pack`. As a value of the map given to :func:`pack` it is
-    spliced in as one msgpack array, so a reply of many records is encoded once, item by item,
-    and its size is known while it is built (the reply budget)."""
-
-    @property
-    def nbytes(self) -> int:
-        return sum(len(item) for item in self)
-
-
 def _refuse_ext(code: int, data: bytes) -> Any:
     raise BadRequest(f"msgpack ext type {code} is not accepted")
 
 
 def pack(obj: Any) -> bytes:
     """Encode one message. Raises TypeError for values msgpack cannot represent."""
-    if isinstance(obj, dict) and any(isinstance(v, PackedArray) for v in obj.values()):
-        return _pack_map_with_arrays(obj)
     return msgpack.packb(obj, use_bin_type=True, datetime=False)  # type: ignore[no-any-return]
-
-
-def _pack_map_with_arrays(obj: dict[str, Any]) -> bytes:
-    packer = msgpack.Packer(use_bin_type=True, datetime=False)
-    parts: list[bytes] = [packer.pack_map_header(len(obj))]
-    for key, value in obj.items():
-        parts.append(packer.pack(key))
-        if isinstance(value, PackedArray):
-            parts.append(packer.pack_array_header(len(value)))
-            parts.extend(value)
-        else:
-            parts.append(packer.pack(value))
-    return b"".join(parts)
 
 
 def unpack(data: bytes | memoryview, *, max_bytes: int = MAX_REQUEST_BYTES) -> Any:
