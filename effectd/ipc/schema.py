@@ -496,6 +496,11 @@ OPS: dict[str, OpSpec] = {
 }
 
 
+OP_OF_ARGS: dict[type[ra.Args], str] = {spec.args: name for name, spec in OPS.items()}
+"""The op whose arguments a struct is (a client builds a request from the struct alone)."""
+assert len(OP_OF_ARGS) == len(OPS), "one arguments struct per op"
+
+
 def request_id_of(msg: Any) -> Any:
     """The request id to echo, if one can be recovered from a (possibly invalid) message."""
     if isinstance(msg, dict):
