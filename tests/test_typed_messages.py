@@ -7,12 +7,18 @@
   the protocol's errors, and nothing else escapes on hostile bytes.
 * ``hello`` reports each worker's real rss (it was always 0).
 * The typed check of an effect spec accepts exactly what the field tables accept.
+* Requests: every op's arguments struct has exactly its Field table's fields (order, types,
+  required-ness, defaults), every handler takes its op's struct, parse_request returns it, and
+  the client's requests built from the structs are the same maps (so bytes) as before.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, Literal
 
 import msgpack
 import msgspec
@@ -20,8 +26,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from effectd.client import core
 from effectd.daemon.core import Effect
+from effectd.daemon.requests import RequestHandlers
 from effectd.ipc import codec, messages, records, schema
+from effectd.ipc import request_args as ra
 from effectd.ipc.errors import BadRequest, EffectdError, TooLarge, UnknownOp
 from effectd.ipc.schema import EFFECT_FIELDS, EffectState, check_fields
 from tests.conftest import wait_until
@@ -200,3 +209,103 @@ def test_typed_spec_check_takes_valid_specs_in_its_one_pass(kind: str, fields: d
     spec = {"kind": kind, **fields}
     typed = schema._typed_effect_fields(spec)
     assert typed is not None and typed == check_fields(EFFECT_FIELDS, spec)
+
+
+# ---- requests: the arguments structs (ipc/request_args.py) and the Field tables (schema.OPS)
+
+SCALARS: dict[str | None, Any] = {"str": str, "id": str, "int": int, "num": float, "bool": bool, "any": Any,
+                                  None: Any, "map": dict[str, Any]}
+
+
+def _annotation(f: schema.Field) -> Any:
+    """The type a field's values have once checked (choices may also be declared as a Literal)."""
+    if f.type == "list":
+        kind: Any = types.GenericAlias(list, (SCALARS[f.items],))
+    elif f.type == "map":
+        kind = types.GenericAlias(dict, (str, SCALARS[f.items]))
+    else:
+        kind = SCALARS[f.type]
+    return kind if f.required or f.default is not None else kind | None
+
+
+@pytest.mark.parametrize("op", list(schema.OPS))
+def test_every_ops_arguments_struct_has_exactly_its_field_table(op: str) -> None:
+    spec = schema.OPS[op]
+    cls = spec.args
+    assert schema.OP_OF_ARGS[cls] == op
+    assert cls.__struct_fields__ == tuple(f.name for f in spec.fields)  # declared order = wire order
+    hints = typing.get_type_hints(cls)
+    defaults = dict(zip(cls.__struct_fields__[len(cls.__struct_fields__) - len(cls.__struct_defaults__):],
+                        cls.__struct_defaults__, strict=True))
+    for f in spec.fields:
+        expected = _annotation(f)
+        allowed = {expected}
+        if f.choices is not None:
+            allowed.add(Literal[f.choices])
+        assert hints[f.name] in allowed, f"{op}.{f.name}: declared {hints[f.name]}, the table says {expected}"
+        if f.required:
+            assert f.name not in defaults or defaults[f.name] is msgspec.NODEFAULT, f"{op}.{f.name} is required"
+        else:
+            assert defaults.get(f.name, msgspec.NODEFAULT) == f.default, f"{op}.{f.name}: default"
+
+
+@pytest.mark.parametrize("op", list(schema.OPS))
+def test_every_handler_takes_its_ops_arguments_struct(op: str) -> None:
+    hints = typing.get_type_hints(getattr(RequestHandlers, f"op_{op}"))
+    assert typing.get_args(hints["req"]) == (schema.OPS[op].args,)
+
+
+def test_parse_request_returns_the_ops_struct_with_defaults_filled() -> None:
+    base = {"v": 1, "rid": 7}
+    req = schema.parse_request({**base, "op": "wait", "ids": [EID]})
+    assert req == ra.Request(op="wait", id=7, version=1, args=ra.WaitArgs(ids=[EID], timeout=30.0, return_when="all"))
+    req2 = schema.parse_request({**base, "op": "read_output", "id": EID, "stream": "stdout"})
+    assert req2.args == ra.ReadOutputArgs(id=EID, stream="stdout", offset=0, max_bytes=ra.DEFAULT_READ_BYTES)
+    spec = {"kind": "sleep", "seconds": 1}
+    req3 = schema.parse_request({**base, "op": "submit", "effect": spec})
+    assert req3.args == ra.SubmitArgs(effect=schema.check_effect_spec(spec), request_key=None)
+    assert schema.parse_request({**base, "op": "groups"}).args == ra.GroupsArgs()
+
+
+def _first_call(ops: core.Ops[Any]) -> core.Call:
+    step = next(ops)
+    assert isinstance(step, core.Call)
+    return step
+
+
+# The maps the client core built by hand before the structs (effectd/client/core.py at dbd3f8f).
+CLIENT_REQUESTS: list[tuple[Callable[[], core.Ops[Any]], str, dict[str, Any]]] = [
+    (lambda: core.hello("c/1"), "hello", {"client": "c/1"}),
+    (lambda: core.submit({"kind": "sleep", "seconds": 1}, "k"), "submit",
+     {"effect": {"kind": "sleep", "seconds": 1}, "request_key": "k"}),
+    (lambda: core.submit_many([{"kind": "sleep", "seconds": 1}], "k"), "submit_many",
+     {"effects": [{"kind": "sleep", "seconds": 1}], "request_key": "k"}),
+    (lambda: core.status_many([EID, EID]), "status", {"ids": [EID, EID]}),
+    (lambda: core.list_effects(None, None, None, 100, None), "list",
+     {"states": None, "labels": None, "name": None, "limit": 100, "before": None}),
+    (lambda: core.list_effects(["queued"], {"a": "b"}, "n", 5, EID), "list",
+     {"states": ["queued"], "labels": {"a": "b"}, "name": "n", "limit": 5, "before": EID}),
+    (lambda: core.wait([EID], None, True), "wait", {"ids": [EID], "timeout": core.WAIT_SLICE, "return_when": "first"}),
+    (lambda: core.result(EID), "result", {"id": EID}),
+    (lambda: core.cancel([EID], None), "cancel", {"ids": [EID], "reason": None}),
+    (lambda: core.cancel([EID], "why"), "cancel", {"ids": [EID], "reason": "why"}),
+    (lambda: core.read_output(EID, "stdout", 5, None), "read_output",
+     {"id": EID, "stream": "stdout", "offset": 5, "max_bytes": None}),
+    (lambda: core.read_output(EID, "value", 0, 10), "read_output",
+     {"id": EID, "stream": "value", "offset": 0, "max_bytes": 10}),
+    (lambda: core.set_group_limit("g", None), "group_set", {"name": "g", "parallel": None}),
+    (lambda: core.groups(), "groups", {}),
+    (lambda: core.gc(1.5, None, 10), "gc", {"retain_days": 1.5, "retain_count": None, "retain_bytes": 10}),
+    (lambda: core.shutdown(False), "shutdown", {"drain": False}),
+]
+
+
+@pytest.mark.parametrize(("make", "op", "old"), CLIENT_REQUESTS,
+                         ids=[f"{c[1]}-{i}" for i, c in enumerate(CLIENT_REQUESTS)])
+def test_client_requests_built_from_the_structs_are_the_same_bytes(
+        make: Callable[[], core.Ops[Any]], op: str, old: dict[str, Any]) -> None:
+    call = _first_call(make())
+    assert call.op == op
+    assert list(call.args.items()) == list(old.items())
+    new_bytes = codec.pack(schema.build_request(call.op, 3, **call.args))
+    assert new_bytes == codec.pack(schema.build_request(op, 3, **old))

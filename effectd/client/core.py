@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from effectd.client.records import EffectRecord, OutputSlice
+from effectd.ipc import request_args as ra
 from effectd.ipc.errors import Busy, DaemonUnavailable, UnsafeDirectory
-from effectd.ipc.schema import EffectState
+from effectd.ipc.schema import OP_OF_ARGS, EffectState
 
 T = TypeVar("T")
 
@@ -138,6 +139,12 @@ def call(op: str, args: Mapping[str, Any] | None = None, *, extra_time: float = 
     return reply
 
 
+def request(args: ra.Args, *, extra_time: float = 0.0) -> Ops[dict[str, Any]]:
+    """One request built from its op's declared arguments struct (ipc/request_args.py), so a
+    misspelt or mistyped field is a type error here, not a ``bad_request`` from the daemon."""
+    return (yield from call(OP_OF_ARGS[type(args)], ra.wire_args(args), extra_time=extra_time))
+
+
 def records(reply: Mapping[str, Any]) -> builtins.list[EffectRecord]:
     return [EffectRecord.from_wire(r) for r in reply["effects"]]
 
@@ -160,23 +167,23 @@ def probe() -> Ops[bool]:
 
 
 def hello(client: str) -> Ops[dict[str, Any]]:
-    return (yield from call("hello", {"client": client}))
+    return (yield from request(ra.HelloArgs(client=client)))
 
 
 def submit(effect: Mapping[str, Any], request_key: str | None) -> Ops[str]:
-    reply = yield from call("submit", {"effect": dict(effect), "request_key": request_key or new_request_key()})
+    reply = yield from request(ra.SubmitArgs(effect=dict(effect), request_key=request_key or new_request_key()))
     return str(reply["id"])
 
 
 def submit_many(effects: Sequence[Mapping[str, Any]], request_key: str | None) -> Ops[builtins.list[str]]:
-    reply = yield from call("submit_many", {"effects": [dict(e) for e in effects],
-                                            "request_key": request_key or new_request_key()},
-                            extra_time=len(effects) * BATCH_SECONDS_PER_EFFECT)
+    reply = yield from request(ra.SubmitManyArgs(effects=[dict(e) for e in effects],
+                                                 request_key=request_key or new_request_key()),
+                               extra_time=len(effects) * BATCH_SECONDS_PER_EFFECT)
     return list(reply["ids"])
 
 
 def status_many(ids: Sequence[str]) -> Ops[builtins.list[EffectRecord]]:
-    return records((yield from call("status", {"ids": list(ids)})))
+    return records((yield from request(ra.StatusArgs(ids=list(ids)))))
 
 
 def status(effect_id: str) -> Ops[EffectRecord]:
@@ -187,9 +194,9 @@ def list_effects(states: Sequence[str] | None, labels: Mapping[str, str] | None,
                  limit: int, before: str | None) -> Ops[builtins.list[EffectRecord]]:
     out: builtins.list[EffectRecord] = []
     while True:  # a page the daemon cut at its reply limit ("truncated") continues from its last id
-        reply = yield from call("list", {"states": list(states) if states else None,
-                                         "labels": dict(labels) if labels else None, "name": name,
-                                         "limit": limit - len(out), "before": before})
+        reply = yield from request(ra.ListArgs(states=list(states) if states else None,
+                                               labels=dict(labels) if labels else None, name=name,
+                                               limit=limit - len(out), before=before))
         out += records(reply)
         if not reply.get("truncated") or not reply["effects"] or len(out) >= limit:
             return out
@@ -202,8 +209,8 @@ def wait(ids: builtins.list[str], timeout: float | None,
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         left = WAIT_SLICE if deadline is None else max(0.0, min(WAIT_SLICE, deadline - time.monotonic()))
-        reply = yield from call("wait", {"ids": ids, "timeout": left, "return_when": "first" if first else "all"},
-                                extra_time=left)
+        reply = yield from request(ra.WaitArgs(ids=ids, timeout=left, return_when="first" if first else "all"),
+                                   extra_time=left)
         if not reply["timed_out"] or (deadline is not None and time.monotonic() >= deadline):
             return records(reply), bool(reply["timed_out"])
 
@@ -232,13 +239,13 @@ def as_completed(ids: Sequence[str], timeout: float | None) -> Ops[None]:
 
 
 def result(effect_id: str) -> Ops[EffectRecord]:
-    reply = yield from call("result", {"id": effect_id})
+    reply = yield from request(ra.ResultArgs(id=effect_id))
     rec = yield from status(effect_id)
     return rec if rec.final else EffectRecord.from_wire({**rec.to_json(), **reply})
 
 
 def cancel(ids: Sequence[str], reason: str | None) -> Ops[builtins.list[dict[str, Any]]]:
-    return list((yield from call("cancel", {"ids": list(ids), "reason": reason}))["effects"])
+    return list((yield from request(ra.CancelArgs(ids=list(ids), reason=reason)))["effects"])
 
 
 def busy_backoff() -> Iterator[float]:
@@ -258,10 +265,12 @@ def read_output(effect_id: str, stream: str, offset: int, max_bytes: int | None)
     """Stored bytes from ``offset``; a ``busy`` answer (the daemon's read budget is in use by
     other readers) is retried after a short backoff."""
     delays = busy_backoff()
+    args = ra.wire_args(ra.ReadOutputArgs(id=effect_id, stream=stream, offset=offset,
+                                          max_bytes=ra.DEFAULT_READ_BYTES if max_bytes is None else max_bytes))
+    args["max_bytes"] = max_bytes  # None: left out, the daemon's default applies (as it always did)
     while True:
         try:
-            r = yield from call("read_output", {"id": effect_id, "stream": stream, "offset": offset,
-                                                "max_bytes": max_bytes})
+            r = yield from call(OP_OF_ARGS[ra.ReadOutputArgs], args)
             break
         except Busy:
             delay = next(delays, None)
@@ -284,18 +293,18 @@ def output(effect_id: str, stream: str) -> Ops[bytes]:
 
 
 def set_group_limit(name: str, parallel: int | None) -> Ops[None]:
-    yield from call("group_set", {"name": name, "parallel": parallel})
+    yield from request(ra.GroupSetArgs(name=name, parallel=parallel))
 
 
 def groups() -> Ops[builtins.list[dict[str, Any]]]:
-    return list((yield from call("groups"))["groups"])
+    return list((yield from request(ra.GroupsArgs()))["groups"])
 
 
 def gc(retain_days: float | None, retain_count: int | None, retain_bytes: int | None) -> Ops[dict[str, Any]]:
-    reply = yield from call("gc", {"retain_days": retain_days, "retain_count": retain_count,
-                                   "retain_bytes": retain_bytes})
+    reply = yield from request(ra.GcArgs(retain_days=retain_days, retain_count=retain_count,
+                                         retain_bytes=retain_bytes))
     return {k: reply[k] for k in ("removed", "freed_bytes", "kept", "kept_bytes")}
 
 
 def shutdown(drain: bool) -> Ops[None]:
-    yield from call("shutdown", {"drain": drain})
+    yield from request(ra.ShutdownArgs(drain=drain))

@@ -19,6 +19,7 @@ from effectd.daemon.retention import Retention
 from effectd.daemon.waits import WaitTable
 from effectd.ipc import records
 from effectd.ipc.errors import EffectdError
+from effectd.ipc.request_args import SubmitManyArgs
 from effectd.ipc.schema import Request
 from effectd.journal import Journal, OutputStore
 
@@ -31,7 +32,7 @@ class Admissions(Protocol):
 
     def admitting(self, request_key: str | None) -> bool: ...
 
-    def admit(self, ident: bytes, req: Request) -> None: ...
+    def admit(self, ident: bytes, req: Request[SubmitManyArgs]) -> None: ...
 
 
 class Host(Protocol):

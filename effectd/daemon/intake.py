@@ -36,6 +36,7 @@ from effectd.daemon.core import Effect
 from effectd.daemon.host import Host
 from effectd.ipc.errors import DiskFull, EffectdError, InternalError, QueueFull, Unavailable
 from effectd.ipc.records import SubmitManyReply
+from effectd.ipc.request_args import SubmitManyArgs
 from effectd.ipc.schema import Request, check_effect_spec
 from effectd.journal import Journal
 
@@ -54,7 +55,7 @@ PENDING_META = "intake_pending"
 @dataclass
 class Batch:
     key: str | None
-    specs: list[Any]
+    specs: list[dict[str, Any]]
     targets: list[tuple[bytes, Any]]
     """(client identity, request id) of every request answered when the batch is done."""
     effects: list[Effect] = field(default_factory=list)
@@ -106,15 +107,15 @@ class Intake:
 
     # ---- admission (in the request's turn) ------------------------------------------------
 
-    def admit(self, ident: bytes, req: Request) -> None:
+    def admit(self, ident: bytes, req: Request[SubmitManyArgs]) -> None:
         """Start taking in a big batch; its reply comes when it is durable."""
         d = self.d
-        key = req.args["request_key"]
+        key = req.args.request_key
         batch = self.by_key.get(key) if key is not None else None
         if batch is not None:
             batch.attach(ident, req.id)  # a retry of a batch still being taken in
             return
-        specs = req.args["effects"]
+        specs = req.args.effects
         if d.sched.queue_full(len(specs) + self.pending_effects):
             raise QueueFull(f"{len(d.sched.effects) + self.pending_effects} effects are queued, running or "
                             f"being submitted (limit --max-queued {d.config.max_queued})")

@@ -19,6 +19,7 @@ from effectd.daemon.intake import INLINE_BATCH
 from effectd.daemon.waits import Waiter, WaitOutcome
 from effectd.ipc import codec
 from effectd.ipc import records as r
+from effectd.ipc import request_args as ra
 from effectd.ipc.errors import (
     InvalidState,
     NotFound,
@@ -50,8 +51,10 @@ class RequestHandlers:
         self.d = host
         self.credits = ReadCredits(total_inflight())
 
-    def dispatch(self, ident: bytes, req: Request) -> r.Reply | None:
-        """The reply, or None when the request was parked (wait)."""
+    def dispatch(self, ident: bytes, req: Request[ra.Args]) -> r.Reply | None:
+        """The reply, or None when the request was parked (wait). Each handler is annotated with
+        its op's arguments struct: parse_request built ``req.args`` as OPS[req.op].args (a test
+        checks every annotation against OPS)."""
         self.credits.request_from(ident)
         method = getattr(self, f"op_{req.op}")
         return method(ident, req)  # type: ignore[no-any-return]
@@ -115,7 +118,7 @@ class RequestHandlers:
 
     # ---- ops ------------------------------------------------------------------------------
 
-    def op_hello(self, ident: bytes, req: Request) -> r.HelloReply:
+    def op_hello(self, ident: bytes, req: Request[ra.HelloArgs]) -> r.HelloReply:
         d = self.d
         return r.HelloReply(
             protocol=PROTOCOL_VERSION,
@@ -188,34 +191,34 @@ class RequestHandlers:
             d.journal.put_request_key(request_key, [e.id for e in effects])
         return [e.id for e in effects]
 
-    def op_submit(self, ident: bytes, req: Request) -> r.SubmitReply:
-        ids = self._submit([req.args["effect"]], req.args["request_key"])
+    def op_submit(self, ident: bytes, req: Request[ra.SubmitArgs]) -> r.SubmitReply:
+        ids = self._submit([req.args.effect], req.args.request_key)
         return r.SubmitReply(id=ids[0], state=self.state_of(ids[0]).value)  # type: ignore[union-attr]
 
-    def op_submit_many(self, ident: bytes, req: Request) -> r.SubmitManyReply | None:
+    def op_submit_many(self, ident: bytes, req: Request[ra.SubmitManyArgs]) -> r.SubmitManyReply | None:
         """A small batch is taken in now; a big one over several loop turns (daemon/intake.py),
         answered once all of it is durable (None: the reply comes later)."""
-        specs = req.args["effects"]  # the server parses requests with check_batch=False
-        if len(specs) > INLINE_BATCH or self.d.intake.admitting(req.args["request_key"]):
+        specs = req.args.effects  # the server parses requests with check_batch=False
+        if len(specs) > INLINE_BATCH or self.d.intake.admitting(req.args.request_key):
             if self.d.draining:
                 raise Unavailable("the daemon is shutting down and accepts no new effects")
             self.d.intake.admit(ident, req)
             return None
         checked = [check_effect_spec(spec, f"effects[{i}].") for i, spec in enumerate(specs)]
-        return r.SubmitManyReply(ids=self._submit(checked, req.args["request_key"]))
+        return r.SubmitManyReply(ids=self._submit(checked, req.args.request_key))
 
-    def op_status(self, ident: bytes, req: Request) -> r.StatusReply:
-        return r.StatusReply(effects=self.packed_records(req.args["ids"])[0])
+    def op_status(self, ident: bytes, req: Request[ra.StatusArgs]) -> r.StatusReply:
+        return r.StatusReply(effects=self.packed_records(req.args.ids)[0])
 
-    def op_list(self, ident: bytes, req: Request) -> r.ListReply:
+    def op_list(self, ident: bytes, req: Request[ra.ListArgs]) -> r.ListReply:
         """A page ends at ``limit`` records or at the reply budget (``truncated``), whichever
         comes first; the client continues with ``before`` = the last id it got."""
         a = req.args
         out: list[r.PackedRecord] = []
         size = 0
         truncated = False
-        for eid, item in self.d.journal.list_packed(states=a["states"], labels=a["labels"], name=a["name"],
-                                                    limit=a["limit"], before=a["before"]):
+        for eid, item in self.d.journal.list_packed(states=a.states, labels=a.labels, name=a.name,
+                                                    limit=a.limit, before=a.before):
             if eid in self.d.sched.effects:  # live: memory is ahead of the journal
                 item = codec.pack(self.record(eid))
             size += len(item)
@@ -237,14 +240,14 @@ class RequestHandlers:
         recs, done = self.packed_records(ids)
         return r.WaitReply(effects=recs, done=done, timed_out=timed_out)
 
-    def op_wait(self, ident: bytes, req: Request) -> r.WaitReply | None:
-        ids = list(dict.fromkeys(req.args["ids"]))
+    def op_wait(self, ident: bytes, req: Request[ra.WaitArgs]) -> r.WaitReply | None:
+        ids = list(dict.fromkeys(req.args.ids))
         self.check_exist(ids)  # NotFound before parking
-        first = req.args["return_when"] == "first"
-        if self._wait_done(ids, first) or req.args["timeout"] == 0:
+        first = req.args.return_when == "first"
+        if self._wait_done(ids, first) or req.args.timeout == 0:
             return self.wait_reply(ids, timed_out=not self._wait_done(ids, first))
         pending = {i for i in ids if self.state_of(i) not in FINAL_STATES}
-        self.d.waits.park(Waiter(ident, req.id, ids, first, time.monotonic() + req.args["timeout"], pending))
+        self.d.waits.park(Waiter(ident, req.id, ids, first, time.monotonic() + req.args.timeout, pending))
         return None
 
     def answer_waits(self, now: float) -> None:
@@ -257,21 +260,21 @@ class RequestHandlers:
             except NotFound as exc:  # garbage-collected meanwhile
                 self.d.reply_error(w.ident, w.request_id, exc)
 
-    def op_result(self, ident: bytes, req: Request) -> r.ResultReply:
-        rec = self.record(req.args["id"])
+    def op_result(self, ident: bytes, req: Request[ra.ResultArgs]) -> r.ResultReply:
+        rec = self.record(req.args.id)
         if rec is None:
-            raise NotFound(f"no effect with id {req.args['id']}")
+            raise NotFound(f"no effect with id {req.args.id}")
         if EffectState(rec["state"]) not in FINAL_STATES:
             raise InvalidState(f"effect {rec['id']} is {rec['state']}; its result is not known yet")
         fields: dict[str, Any] = {k: rec.get(k) for k in RESULT_FIELDS}
         return r.ResultReply(**fields)
 
-    def op_cancel(self, ident: bytes, req: Request) -> r.CancelReply:
+    def op_cancel(self, ident: bytes, req: Request[ra.CancelArgs]) -> r.CancelReply:
         d = self.d
-        self.check_exist(req.args["ids"])
-        reason = req.args["reason"] or "cancelled"
+        self.check_exist(req.args.ids)
+        reason = req.args.reason or "cancelled"
         results: list[r.CancelOutcome] = []
-        for eid in req.args["ids"]:
+        for eid in req.args.ids:
             eff = d.sched.effects.get(eid)
             if eff is None:
                 results.append(r.CancelOutcome(id=eid, state=self.state_of(eid).value,  # type: ignore[union-attr]
@@ -281,29 +284,29 @@ class RequestHandlers:
             results.append(r.CancelOutcome(id=eid, state=eff.state.value, cancelled=True))
         return r.CancelReply(effects=results)
 
-    def op_read_output(self, ident: bytes, req: Request) -> r.ReadOutputReply:
+    def op_read_output(self, ident: bytes, req: Request[ra.ReadOutputArgs]) -> r.ReadOutputReply:
         a = req.args
-        state = self.state_of(a["id"])
+        state = self.state_of(a.id)
         if state is None:
-            raise NotFound(f"no effect with id {a['id']}")
+            raise NotFound(f"no effect with id {a.id}")
         final = state in FINAL_STATES
         # Size first, then data: with the worker appending concurrently, data may extend past
         # the size we report but never the other way round.
-        size = self.d.outputs.size(a["id"], a["stream"])
+        size = self.d.outputs.size(a.id, a.stream)
         # Flow control: replies not yet read by their clients are bounded in total (flow.py).
-        allowed = self.credits.grant(ident, min(a["max_bytes"], max(0, size - a["offset"])) or 1)
-        data = self.d.outputs.read(a["id"], a["stream"], a["offset"], allowed)
-        next_offset = a["offset"] + len(data)
+        allowed = self.credits.grant(ident, min(a.max_bytes, max(0, size - a.offset)) or 1)
+        data = self.d.outputs.read(a.id, a.stream, a.offset, allowed)
+        next_offset = a.offset + len(data)
         if data:  # the file grew between the two reads: the bytes returned are part of it
             size = max(size, next_offset)
         self.credits.charge(ident, len(data), last=final and next_offset >= size)
         # An offset past the end reads nothing and must not be reported as the stream's size.
-        return r.ReadOutputReply(id=a["id"], stream=a["stream"], offset=a["offset"], data=data,
+        return r.ReadOutputReply(id=a.id, stream=a.stream, offset=a.offset, data=data,
                                  next_offset=next_offset, size=size, state=state.value,
                                  final=final, eof=final and next_offset >= size)
 
-    def op_group_set(self, ident: bytes, req: Request) -> r.GroupSetReply:
-        name, parallel = req.args["name"], req.args["parallel"]
+    def op_group_set(self, ident: bytes, req: Request[ra.GroupSetArgs]) -> r.GroupSetReply:
+        name, parallel = req.args.name, req.args.parallel
         limits = self.d.sched.group_limits
         if parallel is None:
             limits.pop(name, None)
@@ -312,7 +315,7 @@ class RequestHandlers:
         self.d.journal.set_meta("group_limits", dict(limits))
         return r.GroupSetReply(name=name, parallel=parallel)
 
-    def op_groups(self, ident: bytes, req: Request) -> r.GroupsReply:
+    def op_groups(self, ident: bytes, req: Request[ra.GroupsArgs]) -> r.GroupsReply:
         stats = {name: r.GroupInfo(name=name, parallel=limit) for name, limit in self.d.sched.group_limits.items()}
         for eff in self.d.sched.effects.values():
             if eff.group:
@@ -323,9 +326,11 @@ class RequestHandlers:
                     g.queued += 1
         return r.GroupsReply(groups=sorted(stats.values(), key=lambda g: g.name))
 
-    def op_gc(self, ident: bytes, req: Request) -> r.GcReply:
-        return r.GcReply(**self.d.retention.collect(**{k: v for k, v in req.args.items() if v is not None}))
+    def op_gc(self, ident: bytes, req: Request[ra.GcArgs]) -> r.GcReply:
+        a = req.args
+        return r.GcReply(**self.d.retention.collect(retain_days=a.retain_days, retain_count=a.retain_count,
+                                                    retain_bytes=a.retain_bytes))
 
-    def op_shutdown(self, ident: bytes, req: Request) -> r.ShutdownReply:
-        self.d.begin_shutdown(drain=req.args["drain"])
-        return r.ShutdownReply(stopping=True, drain=req.args["drain"])
+    def op_shutdown(self, ident: bytes, req: Request[ra.ShutdownArgs]) -> r.ShutdownReply:
+        self.d.begin_shutdown(drain=req.args.drain)
+        return r.ShutdownReply(stopping=True, drain=req.args.drain)

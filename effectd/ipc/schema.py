@@ -1,8 +1,9 @@
 """The wire protocol: the one place that defines every message effectd sends or receives.
 
 Control requests (client -> daemon, REQ/ROUTER) are declared here as tables of :class:`Field`: the
-daemon validates every request against them (with error messages that name the field), and the
-client builds its requests through :func:`build_request`, so both sides share one definition.
+daemon validates every request against them (with error messages that name the field) into the
+op's arguments struct (request_args.py), and the client builds its requests through
+:func:`build_request`, so both sides share one definition.
 Replies and records are typed in records.py, stream headers and worker messages in messages.py.
 tests/test_protocol_doc.py checks docs/protocol.md's tables against all of these declarations.
 """
@@ -12,14 +13,17 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, Literal
 
 import msgspec
 
+from effectd.ipc import request_args as ra
 from effectd.ipc.errors import BadRequest, UnknownOp, UnsupportedVersion
 from effectd.ipc.messages import check_finish as check_finish  # re-export: tests/test_exit_truth.py imports it here
+from effectd.ipc.request_args import DEFAULT_READ_BYTES as DEFAULT_READ_BYTES  # the read_output default
+from effectd.ipc.request_args import Request as Request  # re-export: the daemon imports it from here
 
 PROTOCOL_VERSION = 1
 MIN_PROTOCOL_VERSION = 1
@@ -91,7 +95,6 @@ PYTHON_TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 MAX_IDS_PER_REQUEST = 10_000
 MAX_READ_BYTES = 8 * 1024 * 1024
-DEFAULT_READ_BYTES = 1024 * 1024
 MAX_WAIT_SECONDS = 3600.0
 MAX_LABELS = 64
 MAX_SHORT_STR = 1024
@@ -436,6 +439,8 @@ REQUEST_ENVELOPE: tuple[Field, ...] = (
 class OpSpec:
     name: str
     fields: tuple[Field, ...]
+    args: type[ra.Args]
+    """The struct a valid request's arguments become (its fields are exactly ``fields``)."""
     doc: str
     mutating: bool = False
 
@@ -446,57 +451,54 @@ OPS: dict[str, OpSpec] = {
     op.name: op
     for op in (
         OpSpec("hello", (Field("client", "str", max_len=256, doc="client name/version"),),
-               "version negotiation, daemon identity and counts"),
+               ra.HelloArgs, "version negotiation, daemon identity and counts"),
         OpSpec("submit", (Field("effect", "map", required=True, doc="effect specification"),
                           Field("request_key", "str", max_len=128,
                                 doc="idempotency key: a retry with the same key returns the same id")),
-               "journal one effect; answered after the commit", mutating=True),
+               ra.SubmitArgs, "journal one effect; answered after the commit", mutating=True),
         OpSpec("submit_many", (Field("effects", "list", required=True, items="map", min=1, max_len=10_000),
                                Field("request_key", "str", max_len=128)),
-               "journal several effects atomically", mutating=True),
-        OpSpec("status", (_IDS,), "records of one or many effects"),
+               ra.SubmitManyArgs, "journal several effects atomically", mutating=True),
+        OpSpec("status", (_IDS,), ra.StatusArgs, "records of one or many effects"),
         OpSpec("list", (Field("states", "list", items="str", max_len=16),
                         Field("labels", "map", items="str", max_len=MAX_LABELS),
                         Field("name", "str", max_len=256),
                         Field("limit", "int", min=1, max=10_000, default=100),
                         Field("before", "id", doc="only effects older than this id (paging)")),
-               "records, newest first"),
+               ra.ListArgs, "records, newest first"),
         OpSpec("wait", (_IDS,
                         Field("timeout", "num", min=0, max=MAX_WAIT_SECONDS, default=30.0),
                         Field("return_when", "str", choices=("all", "first"), default="all")),
-               "parked until the effects are final (or the first is), or the timeout"),
-        OpSpec("result", (Field("id", "id", required=True),), "the outcome of a final effect"),
+               ra.WaitArgs, "parked until the effects are final (or the first is), or the timeout"),
+        OpSpec("result", (Field("id", "id", required=True),), ra.ResultArgs, "the outcome of a final effect"),
         OpSpec("cancel", (_IDS, Field("reason", "str", max_len=256)),
-               "cancel queued or running effects", mutating=True),
+               ra.CancelArgs, "cancel queued or running effects", mutating=True),
         OpSpec("read_output", (Field("id", "id", required=True),
                                Field("stream", "str", required=True, choices=OUTPUT_STREAMS),
                                Field("offset", "int", min=0, max=1 << 62, default=0),
                                Field("max_bytes", "int", min=1, max=MAX_READ_BYTES,
                                      default=DEFAULT_READ_BYTES)),
-               "stored output bytes from an offset"),
+               ra.ReadOutputArgs, "stored output bytes from an offset"),
         OpSpec("group_set", (Field("name", "str", required=True, max_len=128),
                              Field("parallel", "int", min=1, max=100_000,
                                    doc="effects of the group running at once; absent = no limit")),
-               "set (or clear) a group's parallel limit; persisted", mutating=True),
-        OpSpec("groups", (), "groups with their limits and running/queued counts"),
+               ra.GroupSetArgs, "set (or clear) a group's parallel limit; persisted", mutating=True),
+        OpSpec("groups", (), ra.GroupsArgs, "groups with their limits and running/queued counts"),
         OpSpec("gc", (Field("retain_days", "num", min=0, max=36500),
                       Field("retain_count", "int", min=0, max=100_000_000),
                       Field("retain_bytes", "int", min=0, max=1 << 50)),
-               "delete old final effects and their output now (defaults: the daemon's settings)",
+               ra.GcArgs, "delete old final effects and their output now (defaults: the daemon's settings)",
                mutating=True),
         OpSpec("shutdown", (Field("drain", "bool", default=True,
                                   doc="let running effects finish up to the drain timeout"),),
-               "stop the daemon", mutating=True),
+               ra.ShutdownArgs, "stop the daemon", mutating=True),
     )
 }
 
 
-@dataclass(frozen=True)
-class Request:
-    op: str
-    id: Any
-    version: int
-    args: dict[str, Any] = field(default_factory=dict)
+OP_OF_ARGS: dict[type[ra.Args], str] = {spec.args: name for name, spec in OPS.items()}
+"""The op whose arguments a struct is (a client builds a request from the struct alone)."""
+assert len(OP_OF_ARGS) == len(OPS), "one arguments struct per op"
 
 
 def request_id_of(msg: Any) -> Any:
@@ -510,7 +512,7 @@ def request_id_of(msg: Any) -> Any:
     return None
 
 
-def parse_request(msg: Any, *, check_batch: bool = True) -> Request:
+def parse_request(msg: Any, *, check_batch: bool = True) -> Request[ra.Args]:
     """Validate a decoded control message. Raises BadRequest / UnknownOp / UnsupportedVersion.
 
     With ``check_batch=False`` the effect specifications of ``submit_many`` are only checked to be
@@ -541,7 +543,9 @@ def parse_request(msg: Any, *, check_batch: bool = True) -> Request:
         for s in args["states"]:
             if s not in valid:
                 raise BadRequest(f"states: {s[:32]!r} is not a state ({', '.join(sorted(valid))})")
-    return Request(op=spec.name, id=rid, version=version, args=args)
+    # Every declared field is in ``args`` (check_fields fills the defaults), checked: the struct
+    # is built without a second validation pass.
+    return Request(op=spec.name, id=rid, version=version, args=spec.args(**args))
 
 
 def build_request(op: str, request_id: Any, **args: Any) -> dict[str, Any]:
