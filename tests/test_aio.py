@@ -44,7 +44,6 @@ def run(daemon: Any, body: Callable[[AsyncClient], Awaitable[T]], **kwargs: Any)
     return asyncio.run(main())
 
 
-@pytest.mark.timeout(60)
 def test_every_operation_round_trips(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:
         info = await c.hello()
@@ -86,7 +85,6 @@ def test_every_operation_round_trips(daemon: Any) -> None:
     run(daemon, body)
 
 
-@pytest.mark.timeout(60)
 def test_twenty_concurrent_waits_on_one_client(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:
         # Submitted concurrently too: twenty submits in flight on one DEALER.
@@ -103,7 +101,6 @@ def test_twenty_concurrent_waits_on_one_client(daemon: Any) -> None:
     run(daemon, body)
 
 
-@pytest.mark.timeout(60)
 def test_as_completed_yields_in_completion_order(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:
         ids = [await c.submit_shell(f"sleep {s}") for s in ("0.6", "0.3", "0.1")]
@@ -113,7 +110,6 @@ def test_as_completed_yields_in_completion_order(daemon: Any) -> None:
     run(daemon, body)
 
 
-@pytest.mark.timeout(60)
 def test_as_completed_times_out(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:
         quick, slow = await c.submit_sleep(0.01), await c.submit_sleep(30)
@@ -127,7 +123,6 @@ def test_as_completed_times_out(daemon: Any) -> None:
     run(daemon, body)
 
 
-@pytest.mark.timeout(60)
 def test_cancelling_a_waiting_task_leaves_the_client_usable(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:
         long = await c.submit_sleep(60)
@@ -152,7 +147,6 @@ def test_cancelling_a_waiting_task_leaves_the_client_usable(daemon: Any) -> None
     run(daemon, body)
 
 
-@pytest.mark.timeout(60)
 def test_cancelling_a_stream_closes_its_socket(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:
         eid = await c.submit_shell("echo start; sleep 60")
@@ -225,7 +219,6 @@ def test_stream_fills_forced_drops_exactly(daemon_factory: Any, monkeypatch: pyt
     run(d, body)
 
 
-@pytest.mark.timeout(60)
 def test_stream_ends_without_its_finished_event_despite_unrelated_traffic(
         daemon: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # The 'finished' event is lost (made unrecognisable here), and another subscriber keeps
@@ -276,7 +269,6 @@ def test_stream_ends_without_its_finished_event_despite_unrelated_traffic(
     run(daemon, body)
 
 
-@pytest.mark.timeout(60)
 def test_stream_of_unknown_effect_raises(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:
         with pytest.raises(NotFound):
@@ -288,7 +280,6 @@ def test_stream_of_unknown_effect_raises(daemon: Any) -> None:
     run(daemon, body)
 
 
-@pytest.mark.timeout(60)
 def test_lazy_pirate_resends_every_request_in_flight(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:
         eid = await c.submit_sleep(0.5)
@@ -307,7 +298,6 @@ def test_lazy_pirate_resends_every_request_in_flight(daemon: Any) -> None:
     run(daemon, body)
 
 
-@pytest.mark.timeout(60)
 def test_no_daemon_gives_daemon_unavailable_within_the_timeouts(daemon: Any) -> None:
     daemon.stop()
 
@@ -320,7 +310,6 @@ def test_no_daemon_gives_daemon_unavailable_within_the_timeouts(daemon: Any) -> 
     run(daemon, body, timeout=0.3, retries=1)
 
 
-@pytest.mark.timeout(60)
 def test_request_timeout_reconnects_and_gives_up(daemon: Any) -> None:
     # A daemon that is stopped (SIGSTOP) answers nothing: each attempt times out, the client
     # reconnects between attempts, and the call fails after 1 + retries attempts.

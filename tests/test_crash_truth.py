@@ -107,7 +107,6 @@ GAP = 3.0
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(60)
 def test_effect_finished_while_daemon_down_keeps_its_own_times(daemon_factory: Any) -> None:
     d = daemon_factory("--adopt-grace", "20")
     c = d.client()

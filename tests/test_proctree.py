@@ -44,9 +44,6 @@ KIDS = HERE / "misbehaving" / "kids.py"
 WORKER = HERE / "misbehaving" / "worker.py"
 GRACE = 0.5
 
-pytestmark = pytest.mark.timeout(30)
-
-
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------

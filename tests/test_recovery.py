@@ -32,7 +32,6 @@ def _restart(d: DaemonHandle) -> None:
     d.start()
 
 
-@pytest.mark.timeout(60)
 def test_daemon_kill9_running_effects_are_readopted_with_exact_output(daemon_factory: Any) -> None:
     d = daemon_factory("--adopt-grace", "15")
     c = d.client()
@@ -52,7 +51,6 @@ def test_daemon_kill9_running_effects_are_readopted_with_exact_output(daemon_fac
     assert old_workers & {p.pid for p in d.worker_processes()}
 
 
-@pytest.mark.timeout(60)
 def test_stream_stays_exact_across_a_daemon_crash(daemon_factory: Any) -> None:
     d = daemon_factory("--adopt-grace", "15")
     c = d.client()
@@ -130,7 +128,6 @@ def test_no_acknowledged_submit_is_lost_across_random_kill9(daemon_factory: Any)
     assert all(r.state in (EffectState.SUCCEEDED, EffectState.LOST) for r in records)
 
 
-@pytest.mark.timeout(60)
 def test_sigterm_drain_finishes_short_and_interrupts_long(daemon_factory: Any) -> None:
     d = daemon_factory("--drain-timeout", "2", "--kill-grace", "1")
     c = d.client()
@@ -153,7 +150,6 @@ def test_sigterm_drain_finishes_short_and_interrupts_long(daemon_factory: Any) -
     assert (r_long.state, r_long.reason) == (EffectState.LOST, "daemon_stopped")
 
 
-@pytest.mark.timeout(60)
 def test_draining_daemon_refuses_submits_with_unavailable(daemon_factory: Any) -> None:
     d = daemon_factory("--drain-timeout", "5", "--kill-grace", "1")
     c = d.client()
@@ -167,7 +163,6 @@ def test_draining_daemon_refuses_submits_with_unavailable(daemon_factory: Any) -
     assert "shutting down" in exc.value.message or isinstance(exc.value, DaemonUnavailable)
 
 
-@pytest.mark.timeout(60)
 def test_retention_bounds_state_dir(daemon_factory: Any) -> None:
     d = daemon_factory()
     c = d.client()
@@ -183,7 +178,6 @@ def test_retention_bounds_state_dir(daemon_factory: Any) -> None:
     assert freed["kept"] == 1
 
 
-@pytest.mark.timeout(60)
 def test_full_disk_refuses_submits_without_acknowledging(daemon_factory: Any) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting a tiny tmpfs needs root")
@@ -212,7 +206,6 @@ def test_full_disk_refuses_submits_without_acknowledging(daemon_factory: Any) ->
         subprocess.run(["umount", "-l", str(d.state)], check=False)
 
 
-@pytest.mark.timeout(60)
 def test_worker_without_daemon_kills_its_effects_after_orphan_timeout(daemon_factory: Any) -> None:
     d = daemon_factory("--orphan-timeout", "2", "--kill-grace", "1", "--heartbeat", "0.3")
     c = d.client()
