@@ -14,6 +14,7 @@ import pytest
 from effectd.client import EffectState
 from effectd.client.aio import AsyncClient
 from effectd.ipc.errors import DaemonUnavailable, InvalidState, NotFound
+from tests.conftest import DaemonHandle
 
 T = TypeVar("T")
 
@@ -21,9 +22,11 @@ SEQ_100K = b"".join(b"%d\n" % i for i in range(1, 100_001))
 
 
 @pytest.fixture
-def daemon(daemon: Any) -> Iterator[Any]:
-    """The conftest daemon, plus: cancel what a failed test left running (workers and effects
-    outlive a stopped daemon, and the teardown would report them as leaks)."""
+def daemon(shared_daemon: DaemonHandle) -> Iterator[DaemonHandle]:
+    """The module's shared daemon (these tests need only *a* daemon; the two that stop it start
+    their own), plus: cancel what a test left running, so the next one starts from a quiet daemon
+    (and workers and effects outlive a stopped daemon: the teardown would report them as leaks)."""
+    daemon = shared_daemon
     yield daemon
     with contextlib.suppress(Exception):
         c = daemon.client(timeout=2, retries=0)
@@ -194,6 +197,7 @@ def test_stream_is_exact_live_and_after_the_end(daemon: Any) -> None:
     run(daemon, body)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_stream_fills_forced_drops_exactly(daemon_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # Tiny high-water marks on the whole stream path (daemon, workers and our SUB) and a consumer
@@ -298,7 +302,8 @@ def test_lazy_pirate_resends_every_request_in_flight(daemon: Any) -> None:
     run(daemon, body)
 
 
-def test_no_daemon_gives_daemon_unavailable_within_the_timeouts(daemon: Any) -> None:
+def test_no_daemon_gives_daemon_unavailable_within_the_timeouts(daemon_factory: Any) -> None:
+    daemon = daemon_factory("--kill-grace", "1")
     daemon.stop()
 
     async def body(c: AsyncClient) -> None:
@@ -310,10 +315,12 @@ def test_no_daemon_gives_daemon_unavailable_within_the_timeouts(daemon: Any) -> 
     run(daemon, body, timeout=0.3, retries=1)
 
 
-def test_request_timeout_reconnects_and_gives_up(daemon: Any) -> None:
+def test_request_timeout_reconnects_and_gives_up(daemon_factory: Any) -> None:
     # A daemon that is stopped (SIGSTOP) answers nothing: each attempt times out, the client
     # reconnects between attempts, and the call fails after 1 + retries attempts.
     import signal
+
+    daemon = daemon_factory("--kill-grace", "1")
 
     async def body(c: AsyncClient) -> None:
         await c.hello()

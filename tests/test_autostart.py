@@ -64,6 +64,7 @@ def test_client_autostarts_a_daemon(cold: DaemonHandle) -> None:
         assert c2.hello()["pid"] == pid
 
 
+@pytest.mark.slow
 def test_effectctl_run_works_cold(cold: DaemonHandle) -> None:
     p = subprocess.run([sys.executable, "-m", "effectd.cli", "run", "--", "true"], env=dict(cold.env),
                        capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
@@ -103,6 +104,7 @@ RACER = """
 """
 
 
+@pytest.mark.slow
 def test_ten_concurrent_processes_start_exactly_one_daemon(cold: DaemonHandle, tmp_path: Path) -> None:
     go = tmp_path / "go"
     racers = [subprocess.Popen([*client_code(RACER), str(tmp_path / f"ready-{i}"), str(go)],
@@ -129,6 +131,7 @@ def test_ten_concurrent_processes_start_exactly_one_daemon(cold: DaemonHandle, t
                what="the losing daemons to exit")
 
 
+@pytest.mark.slow
 def test_ten_concurrent_threads_start_exactly_one_daemon(cold: DaemonHandle) -> None:
     barrier = threading.Barrier(10)
     results: list[Any] = [None] * 10

@@ -170,6 +170,7 @@ def epoch(iso: str) -> float:
 # Tests
 
 
+@pytest.mark.slow
 def test_parallel_shell_tasks_posted_in_completion_order(
     daemon: DaemonHandle, babysitter_cli: BabysitterCli, make_run: Any
 ) -> None:
@@ -203,6 +204,7 @@ def test_parallel_shell_tasks_posted_in_completion_order(
     assert summary["iterations"] == result.iterations >= 2
 
 
+@pytest.mark.slow
 def test_phase_two_starts_before_the_slowest_phase_one_sibling_finishes(
     daemon: DaemonHandle, babysitter_cli: BabysitterCli, babysitter_sdk: Any, tmp_path: Path
 ) -> None:
@@ -228,6 +230,7 @@ def test_phase_two_starts_before_the_slowest_phase_one_sibling_finishes(
     assert journal.index(("EFFECT_RESOLVED", ids["fast-phase2"])) < slow_resolved
 
 
+@pytest.mark.slow
 def test_failing_shell_task_is_posted_ok_with_success_false(
     daemon: DaemonHandle, babysitter_cli: BabysitterCli, make_run: Any
 ) -> None:
@@ -255,6 +258,7 @@ def test_failing_shell_task_is_posted_ok_with_success_false(
     assert outcome["fails"].exit_code == 3 and outcome["fails"].posted == "ok"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_killed_driver_restarts_without_rerunning_or_reposting(
     daemon: DaemonHandle, babysitter_cli: BabysitterCli, make_run: Any
@@ -296,6 +300,7 @@ def test_killed_driver_restarts_without_rerunning_or_reposting(
     assert [e.type for e in read_journal(run_dir)].count("RUN_COMPLETED") == 1
 
 
+@pytest.mark.slow
 def test_sleep_is_posted_at_its_target_never_before(
     daemon: DaemonHandle, babysitter_cli: BabysitterCli, make_run: Any
 ) -> None:
@@ -318,6 +323,7 @@ def test_sleep_is_posted_at_its_target_never_before(
     assert len(sleeps) == 1 and sleeps[0].labels["babysitter.effect"] == sleep_id
 
 
+@pytest.mark.slow
 def test_node_task(daemon: DaemonHandle, babysitter_cli: BabysitterCli, make_run: Any,
                    tmp_path: Path) -> None:
     script = tmp_path / "hello.mjs"
@@ -335,6 +341,7 @@ def test_node_task(daemon: DaemonHandle, babysitter_cli: BabysitterCli, make_run
     assert_exactly_once(run_dir)
 
 
+@pytest.mark.slow
 def test_unsupported_kind_is_left_waiting_then_run_by_exec_kind(
     daemon: DaemonHandle, babysitter_cli: BabysitterCli, babysitter_sdk: Any, tmp_path: Path
 ) -> None:
@@ -368,6 +375,7 @@ def test_unsupported_kind_is_left_waiting_then_run_by_exec_kind(
     assert (run_dir / "tasks" / ask / "artifacts" / "effectd-action.json").is_file()
 
 
+@pytest.mark.slow
 def test_failed_run_exits_1_with_the_sdk_error(
     daemon: DaemonHandle, babysitter_cli: BabysitterCli, babysitter_sdk: Any, tmp_path: Path
 ) -> None:

@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import DaemonHandle
+
 SEQ_10K = b"".join(b"%d\n" % i for i in range(1, 10_001))
 
 
@@ -104,6 +106,13 @@ class BridgeProc:
             for line in self.raw:
                 assert line.endswith(b"\n"), line[:200]
                 assert isinstance(json.loads(line), dict), line[:200]
+
+
+@pytest.fixture
+def daemon(shared_daemon: DaemonHandle) -> DaemonHandle:
+    """No test here needs a fresh daemon or stops it: they share the module's (one start, not 14);
+    conftest still checks, after the last one, that nothing any of them started survives."""
+    return shared_daemon
 
 
 @pytest.fixture

@@ -71,6 +71,7 @@ def _end(c: Client, eid: str, how: str) -> float:
     return time.monotonic() - t0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["cancel", "timeout"])
 def test_escaped_pipe_holder_is_killed_and_effect_ends_within_grace(d: DaemonHandle, how: str) -> None:
     c = d.client()

@@ -147,6 +147,7 @@ def _replace_journal(state: Path) -> None:
     os.rename(copy, path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [_delete_journal, _replace_journal], ids=["deleted", "replaced"])
 def test_lost_journal_stops_acknowledgements_and_exits_nonzero(daemon_factory: Any, damage: Any) -> None:
     d = daemon_factory()

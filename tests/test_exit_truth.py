@@ -62,6 +62,7 @@ def test_exit_status_never_misreported_beside_leftover_kills(daemon_factory: Any
     assert not bad, f"{len(bad)}/{ROUNDS * PER_ROUND} exit-3 effects misreported: {bad[:5]}"
 
 
+@pytest.mark.slow
 def test_python_effect_collects_its_own_subprocess_status(daemon: DaemonHandle) -> None:
     c = daemon.client()
     ids = [c.submit(python_spec("exit_truth_effects:child_exit_status", [3])) for _ in range(3)]

@@ -144,6 +144,7 @@ def test_big_submit_many_does_not_stall_the_loop(daemon_factory: Any) -> None:
     assert "lost" not in d.log()
 
 
+@pytest.mark.slow
 def test_briefly_stopped_worker_loses_nothing(daemon_factory: Any) -> None:
     d = daemon_factory("--heartbeat", "1", "--kill-grace", "1")
     c = d.client()
@@ -163,6 +164,7 @@ def test_briefly_stopped_worker_loses_nothing(daemon_factory: Any) -> None:
     assert "lost" not in d.log() and "daemon silent" not in d.log()
 
 
+@pytest.mark.slow
 def test_worker_stopped_beyond_liveness_is_lost(daemon_factory: Any) -> None:
     d = daemon_factory("--heartbeat", "0.3", "--kill-grace", "1")
     c = d.client()
@@ -208,6 +210,7 @@ def test_big_batch_is_all_or_nothing(daemon: Any) -> None:
     assert _journal_count(daemon, "effects") == 0 and _journal_count(daemon, "labels") == 0
 
 
+@pytest.mark.slow
 def test_retry_of_a_batch_in_progress_gets_the_same_ids(daemon: Any) -> None:
     body = pack({"v": 1, "rid": 1, "op": "submit_many", "effects": _labelled_batch(5000), "request_key": "k1"})
     first, retry = (RawReq(f"ipc://{daemon.runtime}/control.sock") for _ in range(2))
@@ -230,6 +233,7 @@ def _recv(req: RawReq) -> dict[str, Any]:
     return reply
 
 
+@pytest.mark.slow
 def test_batch_interrupted_by_a_crash_leaves_no_trace(daemon: Any) -> None:
     body = pack({"v": 1, "rid": 1, "op": "submit_many", "effects": _labelled_batch(10_000), "request_key": "k2"})
     raw = RawReq(f"ipc://{daemon.runtime}/control.sock")

@@ -52,6 +52,7 @@ def park_waits(doc: DocClient, eid: str, count: int) -> list[zmq.Socket[bytes]]:
     raise AssertionError("the waits were not all parked within 20 s")
 
 
+@pytest.mark.slow
 def test_every_parked_wait_is_answered_by_a_drain_false_stop(daemon_factory: Any) -> None:
     d = daemon_factory("--kill-grace", "1", "--max-waits", str(PARKED_WAITS))
     doc = DocClient(d.runtime)
@@ -90,6 +91,7 @@ def test_documented_retry_loop_ends_without_a_daemon_and_finds_a_new_one(daemon_
         doc.close()
 
 
+@pytest.mark.slow
 def test_follow_loop_handles_every_message_after_quiet_periods(daemon: Any, tmp_path: Path) -> None:
     """Progress events come one per 0.3 s, never advancing a stream: each arrives after a
     quiet period longer than the idle check, which must not throw the message away."""

@@ -602,6 +602,7 @@ def rss_before(shared: DaemonHandle, fuzz_sock: RawReq) -> int:
     return int(psutil.Process(shared.pid).memory_info().rss)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @settings(max_examples=300, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

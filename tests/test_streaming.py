@@ -37,6 +37,7 @@ def test_late_join_gets_every_line_once_and_followers_agree(client: Any) -> None
     assert results["a"] == results["b"] == SEQ_200K
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_forced_drops_are_filled_exactly(daemon_factory: Any) -> None:
     # A tiny high-water mark everywhere on the stream path, and a consumer slower than the
@@ -68,6 +69,7 @@ def test_forced_drops_are_filled_exactly(daemon_factory: Any) -> None:
     assert follower.gaps_filled + follower.duplicates > 0, "no drop happened: the test proved nothing"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_fast_producer_with_stopped_subscriber_keeps_memory_bounded(daemon: Any) -> None:
     import zmq
@@ -121,6 +123,7 @@ def test_generator_values_and_progress(client: Any) -> None:
     assert client.status(sid).progress["message"] == "no fraction"
 
 
+@pytest.mark.slow
 def test_as_completed_yields_in_finish_order_while_others_run(client: Any) -> None:
     ids = [client.submit_shell(f"sleep {s}") for s in (1.5, 0.8, 0.1)]
     seen = []
@@ -161,6 +164,7 @@ def test_stdin_from_pipes_while_producer_runs(client: Any) -> None:
     assert r_cons.started_at < r_prod.finished_at  # phase 2 began while phase 1 still ran
 
 
+@pytest.mark.slow
 def test_group_limit_holds_and_does_not_starve_others(daemon_factory: Any) -> None:
     d = daemon_factory("--parallel", "8")
     c = d.client()

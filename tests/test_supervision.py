@@ -55,6 +55,7 @@ def test_python_os_exit_is_worker_lost_and_next_python_effect_runs(daemon: Any) 
     assert c.wait(c.submit_python("effectd_test_effects:add", [1, 2]), timeout=30).result == 3
 
 
+@pytest.mark.slow
 def test_blocking_python_effect_is_not_a_hang_and_cancel_replaces_worker(daemon_factory: Any) -> None:
     d = daemon_factory("--heartbeat", "0.2")
     c = d.client()
@@ -71,6 +72,7 @@ def test_blocking_python_effect_is_not_a_hang_and_cancel_replaces_worker(daemon_
     assert c.wait(c.submit_python("effectd_test_effects:add", [2, 2]), timeout=30).result == 4
 
 
+@pytest.mark.slow
 def test_python_timeout_replaces_worker(daemon: Any) -> None:
     c = daemon.client()
     rec = c.wait(c.submit_python("effectd_test_effects:block_forever", timeout=0.5), timeout=30)
@@ -78,6 +80,7 @@ def test_python_timeout_replaces_worker(daemon: Any) -> None:
     assert c.wait(c.submit_python("effectd_test_effects:add", [3, 3]), timeout=30).result == 6
 
 
+@pytest.mark.slow
 def test_worker_leaking_past_max_rss_is_recycled(daemon_factory: Any) -> None:
     d = daemon_factory("--max-worker-rss", str(120 * 1024 * 1024))
     c = d.client()
@@ -104,6 +107,7 @@ def test_cancel_kills_setsid_and_double_forked_descendants(daemon: Any) -> None:
     assert not [i for i in idents if is_alive(i)]
 
 
+@pytest.mark.slow
 def test_sigterm_ignoring_effect_is_killed_after_grace(daemon: Any) -> None:
     c = daemon.client()
     eid = c.submit_shell("trap '' TERM; echo $$; while :; do sleep 0.1; done")
@@ -115,6 +119,7 @@ def test_sigterm_ignoring_effect_is_killed_after_grace(daemon: Any) -> None:
     assert not is_alive(ident)
 
 
+@pytest.mark.slow
 def test_cpu_rlimit_gives_clear_reason(client: Any) -> None:
     rec = client.wait(client.submit_shell("while :; do :; done", rlimits={"cpu": 1}), timeout=30)
     assert rec.state is EffectState.FAILED
@@ -123,6 +128,7 @@ def test_cpu_rlimit_gives_clear_reason(client: Any) -> None:
     assert client.output(rec.id).strip() == b"64"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_crash_loop_is_reported_and_daemon_keeps_serving(daemon: Any) -> None:
     c = daemon.client()
@@ -156,6 +162,7 @@ def test_world_writable_runtime_dir_is_refused(daemon_factory: Any) -> None:
     assert "writable by group or others" in d.log()
 
 
+@pytest.mark.slow
 def test_pool_grows_for_python_effects_and_idle_workers_retire(daemon_factory: Any) -> None:
     d = daemon_factory("--min-workers", "1", "--max-workers", "3", "--worker-idle-timeout", "0.5")
     c = d.client()

@@ -143,6 +143,7 @@ def test_fallback_runtime_dir_honours_tmpdir_and_refuses_a_symlink(
     assert not state.exists() and not list(target.iterdir())  # refused before starting anything
 
 
+@pytest.mark.slow
 def test_worker_runs_only_assignments_macd_with_its_daemons_secret(tmp_path: Path) -> None:
     """A fake daemon (any process without the secret) binds the worker endpoint: a real worker
     connects to it but executes nothing it sends without a valid MAC."""
@@ -213,6 +214,7 @@ def test_surviving_worker_never_reconnects_through_a_swapped_runtime_dir(daemon_
         worker.kill()
 
 
+@pytest.mark.slow
 def test_worker_key_is_private_kept_across_restarts_and_not_inherited_by_effects(daemon: DaemonHandle) -> None:
     key_file = daemon.state / "worker.key"
     key = key_file.read_bytes()
