@@ -10,6 +10,13 @@ import pytest
 import zmq
 
 from effectd.client import EffectState
+from tests.conftest import DaemonHandle
+
+
+@pytest.fixture
+def daemon(shared_daemon: DaemonHandle) -> DaemonHandle:
+    """These tests need only *a* daemon (each checks it still serves afterwards): they share one."""
+    return shared_daemon
 
 
 @pytest.mark.parametrize("target,args", [("effectd_test_effects:huge_string", [9]),
