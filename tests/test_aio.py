@@ -113,6 +113,7 @@ def test_as_completed_yields_in_completion_order(daemon: Any) -> None:
     run(daemon, body)
 
 
+@pytest.mark.slow
 def test_as_completed_times_out(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:
         quick, slow = await c.submit_sleep(0.01), await c.submit_sleep(30)
@@ -177,7 +178,6 @@ async def _collect(c: AsyncClient, eid: str, **kwargs: Any) -> bytes:
     return b"".join([chunk.data async for chunk in c.stream(eid, **kwargs)])
 
 
-@pytest.mark.timeout(90)
 def test_stream_is_exact_live_and_after_the_end(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:
         eid = await c.submit_shell("seq 1 100000")
@@ -198,7 +198,6 @@ def test_stream_is_exact_live_and_after_the_end(daemon: Any) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(90)
 def test_stream_fills_forced_drops_exactly(daemon_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # Tiny high-water marks on the whole stream path (daemon, workers and our SUB) and a consumer
     # slower than the producer: PUB must drop, and the stream must fill every gap from the store.
@@ -223,6 +222,7 @@ def test_stream_fills_forced_drops_exactly(daemon_factory: Any, monkeypatch: pyt
     run(d, body)
 
 
+@pytest.mark.slow
 def test_stream_ends_without_its_finished_event_despite_unrelated_traffic(
         daemon: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # The 'finished' event is lost (made unrecognisable here), and another subscriber keeps
@@ -315,6 +315,7 @@ def test_no_daemon_gives_daemon_unavailable_within_the_timeouts(daemon_factory: 
     run(daemon, body, timeout=0.3, retries=1)
 
 
+@pytest.mark.slow
 def test_request_timeout_reconnects_and_gives_up(daemon_factory: Any) -> None:
     # A daemon that is stopped (SIGSTOP) answers nothing: each attempt times out, the client
     # reconnects between attempts, and the call fails after 1 + retries attempts.
@@ -339,7 +340,7 @@ def test_request_timeout_reconnects_and_gives_up(daemon_factory: Any) -> None:
     run(daemon, body, timeout=0.3, retries=2)
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.slow
 def test_autostart_starts_a_daemon(daemon_factory: Any) -> None:
     d = daemon_factory(start=False)
 

@@ -43,6 +43,7 @@ def client_code(body: str) -> list[str]:
 # ---- autostart ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_client_autostarts_a_daemon(cold: DaemonHandle) -> None:
     assert running_pid(cold.runtime) is None and not cold.daemon_processes()
     with Client(autostart=True) as c:  # dirs from the environment
@@ -81,6 +82,7 @@ def test_effectctl_run_works_cold(cold: DaemonHandle) -> None:
 # ---- one daemon per runtime dir -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_second_daemon_on_the_same_runtime_dir_is_refused(daemon: DaemonHandle) -> None:
     for extra in ([], ["--runtime-dir", str(daemon.runtime), "--state-dir", str(daemon.state)]):
         p = subprocess.run([sys.executable, "-m", "effectd.daemon.main", *extra], env=dict(daemon.env),

@@ -390,6 +390,7 @@ def test_failed_run_exits_1_with_the_sdk_error(
     assert [e.type for e in read_journal(run_dir)].count("RUN_FAILED") == 1
 
 
+@pytest.mark.slow
 def test_second_driver_on_the_same_run_is_refused(
     daemon: DaemonHandle, babysitter_cli: BabysitterCli, make_run: Any
 ) -> None:

@@ -152,6 +152,7 @@ def drive(cli: BabysitterCli, run_dir: Path, logs: Path, *, deadline: float = 25
 # Real-SDK tests
 
 
+@pytest.mark.slow
 def test_sdk_version(babysitter_cli: BabysitterCli) -> None:
     assert babysitter_cli.version() == "0.0.187"
 
@@ -319,6 +320,7 @@ def test_sleep_effect(babysitter_cli: BabysitterCli, make_run: Any, tmp_path: Pa
     assert pending_effect_ids(run_dir) == set()
 
 
+@pytest.mark.slow
 def test_node_task_definition(babysitter_cli: BabysitterCli, make_run: Any, tmp_path: Path) -> None:
     script = tmp_path / "hello.mjs"
     script.write_text(

@@ -158,6 +158,7 @@ def test_ctrl_c_on_run_cancels_the_effect(d: DaemonHandle, c: Client) -> None:
 # ---- submit, status, list, wait -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_submit_status_list_json(d: DaemonHandle, c: Client, tmp_path: Path) -> None:
     eid = running(tmp_path, c, d)
     p = ctl(d, "status", eid)
@@ -194,6 +195,7 @@ def test_submit_sleep_and_wait(d: DaemonHandle) -> None:
     assert json.loads(p.stdout)[0]["state"] == "succeeded"
 
 
+@pytest.mark.slow
 def test_wait_any_timeout_and_failure(d: DaemonHandle, c: Client, tmp_path: Path) -> None:
     slow = running(tmp_path, c, d)
     quick = an_id(ctl(d, "submit", "--", "true"))
@@ -216,6 +218,7 @@ def test_wait_any_timeout_and_failure(d: DaemonHandle, c: Client, tmp_path: Path
 # ---- logs -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_logs(d: DaemonHandle, c: Client) -> None:
     eid = an_id(ctl(d, "submit", "--", "sh", "-c", "echo o1; echo e1 >&2; printf 'o2\\377'"))
     c.wait(eid, timeout=15)
@@ -250,6 +253,7 @@ def test_logs_follow(d: DaemonHandle, c: Client, tmp_path: Path) -> None:
 # ---- result, cancel -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_result_json_of_python_effect(d: DaemonHandle, c: Client) -> None:
     eid = an_id(ctl(d, "submit", "--python", "effectd_test_effects:echo", "--args", '[2, "x"]',
                     "--kwargs", '{"k": [1]}'))
@@ -270,6 +274,7 @@ def test_result_json_of_python_effect(d: DaemonHandle, c: Client) -> None:
     assert json.loads(ctl(d, "result", "--json", bad).stdout)["error"]["message"] == "no"
 
 
+@pytest.mark.slow
 def test_cancel(d: DaemonHandle, c: Client, tmp_path: Path) -> None:
     eid = running(tmp_path, c, d)
     p = ctl(d, "cancel", eid)
@@ -322,6 +327,7 @@ def test_misspelled_option_is_a_usage_error(d: DaemonHandle, c: Client, cmd: str
 # ---- daemon status / stop -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_daemon_status_and_stop(daemon: DaemonHandle) -> None:
     p = ctl(daemon, "daemon", "status")
     assert p.returncode == 0, p.stderr
@@ -344,6 +350,7 @@ def test_daemon_status_and_stop(daemon: DaemonHandle) -> None:
     assert p.returncode == 0 and "not running" in out(p)
 
 
+@pytest.mark.slow
 def test_daemon_stop_now_ends_running_effects(daemon: DaemonHandle, tmp_path: Path) -> None:
     c = daemon.client()
     eid = running(tmp_path, c, daemon)

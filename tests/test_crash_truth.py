@@ -28,6 +28,7 @@ from tests.conftest import wait_until
 TRUE = {"kind": "shell", "command": "true"}
 
 
+@pytest.mark.slow
 def test_resubmit_with_key_after_gc_is_refused_not_rerun(daemon: Any) -> None:
     c = daemon.client()
     first = c.submit(TRUE, request_key="key-after-gc")
@@ -46,6 +47,7 @@ def test_resubmit_with_key_after_gc_is_refused_not_rerun(daemon: Any) -> None:
     assert c.list(limit=10) == []  # no second run
 
 
+@pytest.mark.slow
 def test_record_spec_has_no_request_key_and_resubmits_verbatim(daemon: Any) -> None:
     c = daemon.client()
     eid = c.submit({"kind": "shell", "command": "echo hi"}, request_key="spec-key")

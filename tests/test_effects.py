@@ -170,6 +170,7 @@ def test_python_generator_streams_values_in_order(c: Client) -> None:
     assert list(c.values(eid)) == list(range(50))  # replay after the fact: identical
 
 
+@pytest.mark.slow
 def test_python_printed_output_captured(client: Client) -> None:
     c = client  # own daemon: the runs share one worker and nothing else uses it
     # Ten runs in one worker: on the buggy daemon nearly every run after the first loses it.
@@ -205,6 +206,7 @@ def test_exit_codes_and_signals_reported(c: Client) -> None:
             assert rec.reason and str(rec.exit_code) in rec.reason, rec.reason
 
 
+@pytest.mark.slow
 def test_sequential_shell_effects_keep_their_output(client: Client) -> None:
     """Regression: pipes were closed twice, the second time after the fd number was reused
     by the next shell effect of the same worker (lost output or SIGPIPE)."""
@@ -228,6 +230,7 @@ def test_shell_timeout_kills_and_reports_timed_out(c: Client) -> None:
     assert rec.finished_at is not None and rec.started_at is not None
 
 
+@pytest.mark.slow
 def test_python_timeout_replaces_worker(c: Client) -> None:
     eid = c.submit_python("effectd_test_effects:block_forever", timeout=0.5)
     rec = c.wait(eid, timeout=15)
@@ -241,6 +244,7 @@ def test_python_timeout_replaces_worker(c: Client) -> None:
     assert rec2.pid != old_worker
 
 
+@pytest.mark.slow
 def test_python_effect_never_shares_a_poisoned_worker(daemon_factory: Any) -> None:
     d = daemon_factory("--parallel", "1", "--kill-grace", "1")
     c = d.client()
@@ -260,6 +264,7 @@ def test_sleep_timeout(c: Client) -> None:
 # ---- cancel -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cancel_queued_effect(daemon_factory: Any, tmp_path: Path) -> None:
     d = daemon_factory("--parallel", "1", "--kill-grace", "1")
     c = d.client()
@@ -308,6 +313,7 @@ def assert_all_overlap(records: list[Any]) -> None:
             assert a.started_at < b.finished_at, f"{a.id} started after {b.id} finished"
 
 
+@pytest.mark.slow
 def test_eight_sleeps_overlap(c: Client) -> None:
     ids = [c.submit_shell("sleep 1") for _ in range(8)]
     done = list(c.as_completed(ids, timeout=20))
@@ -316,6 +322,7 @@ def test_eight_sleeps_overlap(c: Client) -> None:
     assert_all_overlap(done)
 
 
+@pytest.mark.slow
 def test_thirty_sleeps_overlap_with_parallel_30(daemon_factory: Any, tmp_path: Path) -> None:
     d = daemon_factory("--parallel", "30", "--kill-grace", "1")
     c = d.client()

@@ -80,7 +80,6 @@ def _unanswered_while_stopped(d: Any, seconds: float) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(90)
 def test_stopped_daemon_keeps_every_effect_and_worker(daemon_factory: Any) -> None:
     # Heartbeat 0.5 s: liveness is 1.5 s, so a 4 s stop is > 2.5 x liveness (like 10 s at the default).
     d = daemon_factory("--heartbeat", "0.5", "--kill-grace", "1", "--min-workers", "2")
@@ -196,6 +195,7 @@ def _journal_count(d: Any, table: str) -> int:
         con.close()
 
 
+@pytest.mark.slow
 def test_big_batch_is_all_or_nothing(daemon: Any) -> None:
     raw = RawReq(f"ipc://{daemon.runtime}/control.sock")
     try:

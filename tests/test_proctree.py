@@ -485,6 +485,7 @@ def test_double_fork_daemon_is_adopted_and_killed(
     assert worker.zombies() == set()
 
 
+@pytest.mark.slow
 def test_escapee_found_by_marker_when_not_its_subreaper(
     worker: Worker, effects: Effects, tmp_path: Path
 ) -> None:
@@ -512,6 +513,7 @@ print(json.dumps([pt.is_subreaper(), pt.kill_tree({eid!r}, root, grace=0.5, time
     assert worker.zombies() == set()
 
 
+@pytest.mark.slow
 def test_process_that_keeps_forking_while_killed(
     worker: Worker, effects: Effects, tmp_path: Path
 ) -> None:

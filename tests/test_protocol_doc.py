@@ -76,6 +76,7 @@ def test_every_parked_wait_is_answered_by_a_drain_false_stop(daemon_factory: Any
         doc.close()
 
 
+@pytest.mark.slow
 def test_documented_retry_loop_ends_without_a_daemon_and_finds_a_new_one(daemon_factory: Any) -> None:
     d = daemon_factory("--kill-grace", "1", start=False)
     doc = DocClient(d.runtime, timeout=0.3, retries=1)
@@ -109,6 +110,7 @@ def test_follow_loop_handles_every_message_after_quiet_periods(daemon: Any, tmp_
         doc.close()
 
 
+@pytest.mark.slow
 def test_long_subscription_topic_is_refused_client_side(daemon: Any) -> None:
     too_long = "X" * (MAX_SUBSCRIPTION_TOPIC_BYTES + 1)
     c = daemon.client()
@@ -137,6 +139,7 @@ def test_long_subscription_topic_is_refused_client_side(daemon: Any) -> None:
         ctx.destroy(linger=0)
 
 
+@pytest.mark.slow
 def test_sizes_after_retries_are_whole_files_of_streams_the_last_attempt_wrote(daemon: Any,
                                                                                tmp_path: Path) -> None:
     mark = tmp_path / "first-attempt-done"
@@ -157,6 +160,7 @@ def test_sizes_after_retries_are_whole_files_of_streams_the_last_attempt_wrote(d
         doc.close()
 
 
+@pytest.mark.slow
 def test_restart_is_visible_only_in_instance_and_subscriptions_come_back(daemon: Any) -> None:
     """§10.4: across a daemon restart, the same REQ socket just gets answers (no timeout, no
     error: only ``hello.instance`` tells), and a SUB socket gets a new ``subscribed`` event."""

@@ -438,6 +438,7 @@ def nested_submit(depth: int) -> bytes:
     return head + pack("effect") + eff + pack("args") + b"\x91" * depth + b"\xc0"
 
 
+@pytest.mark.slow
 def test_deeply_nested_arguments_do_not_crash_the_daemon(daemon: DaemonHandle) -> None:
     d = daemon
     sock = RawReq(Endpoints.for_runtime(d.runtime).control)
@@ -537,6 +538,7 @@ def test_oversized_frames(endpoint: str, dealer: RawDealer) -> None:
     assert dealer.call([b"", pack(req("hello", rid="d"))])["rid"] == "d"
 
 
+@pytest.mark.slow
 def test_huge_frame_drops_only_that_peer(endpoint: str) -> None:
     """Far over the limit (> 32 MiB, the socket's ZMQ_MAXMSGSIZE) libzmq disconnects the
     sender before buffering it; nobody else notices."""
@@ -603,7 +605,6 @@ def rss_before(shared: DaemonHandle, fuzz_sock: RawReq) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
 @settings(max_examples=300, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=messages)

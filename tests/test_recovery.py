@@ -155,6 +155,7 @@ def test_sigterm_drain_finishes_short_and_interrupts_long(daemon_factory: Any) -
     assert (r_long.state, r_long.reason) == (EffectState.LOST, "daemon_stopped")
 
 
+@pytest.mark.slow
 def test_draining_daemon_refuses_submits_with_unavailable(daemon_factory: Any) -> None:
     d = daemon_factory("--drain-timeout", "5", "--kill-grace", "1")
     c = d.client()
@@ -168,6 +169,7 @@ def test_draining_daemon_refuses_submits_with_unavailable(daemon_factory: Any) -
     assert "shutting down" in exc.value.message or isinstance(exc.value, DaemonUnavailable)
 
 
+@pytest.mark.slow
 def test_retention_bounds_state_dir(daemon_factory: Any) -> None:
     d = daemon_factory()
     c = d.client()

@@ -158,6 +158,7 @@ def test_removed_runtime_dir_is_restored_and_clients_find_the_live_daemon(daemon
     assert set(final_events(d.state).values()) == {1}
 
 
+@pytest.mark.slow
 def test_removed_runtime_dir_does_not_make_a_client_start_a_second_daemon(daemon_factory: Any) -> None:
     """Without waiting for the restore: a client on the vanished runtime dir waits for the live
     daemon (found through the state dir) instead of autostarting another one."""

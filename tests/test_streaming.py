@@ -17,6 +17,7 @@ from tests.conftest import wait_until
 SEQ_200K = b"".join(b"%d\n" % i for i in range(1, 200_001))
 
 
+@pytest.mark.slow
 def test_late_join_gets_every_line_once_and_followers_agree(client: Any) -> None:
     eid = client.submit_shell("seq 1 100000; sleep 0.3; seq 100001 200000")
     # Join after most of the output was written.
@@ -38,7 +39,6 @@ def test_late_join_gets_every_line_once_and_followers_agree(client: Any) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(90)
 def test_forced_drops_are_filled_exactly(daemon_factory: Any) -> None:
     # A tiny high-water mark everywhere on the stream path, and a consumer slower than the
     # producer: PUB must drop, and the follower must fill every gap from the store.
@@ -70,7 +70,6 @@ def test_forced_drops_are_filled_exactly(daemon_factory: Any) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
 def test_fast_producer_with_stopped_subscriber_keeps_memory_bounded(daemon: Any) -> None:
     import zmq
 
@@ -101,6 +100,7 @@ def test_fast_producer_with_stopped_subscriber_keeps_memory_bounded(daemon: Any)
         ctx.term()
 
 
+@pytest.mark.slow
 def test_output_cap_keeps_head_and_tail_with_marker(client: Any) -> None:
     eid = client.submit_shell("seq 1 100000", max_output_bytes=8192)
     rec = client.wait(eid)
@@ -112,6 +112,7 @@ def test_output_cap_keeps_head_and_tail_with_marker(client: Any) -> None:
     assert rec.truncated["stdout"] == len(full) - 8192
 
 
+@pytest.mark.slow
 def test_generator_values_and_progress(client: Any) -> None:
     gid = client.submit_python("effectd_test_effects:count", [500])
     assert list(client.values(gid)) == list(range(500))
@@ -138,6 +139,7 @@ def test_as_completed_yields_in_finish_order_while_others_run(client: Any) -> No
     assert all(r.final for r in first)
 
 
+@pytest.mark.slow
 def test_dependencies_run_after_success_and_cancel_on_failure(client: Any) -> None:
     ok = client.submit_shell("sleep 0.3; echo a")
     bad = client.submit_shell("exit 1")
@@ -155,6 +157,7 @@ def test_dependencies_run_after_success_and_cancel_on_failure(client: Any) -> No
         client.submit_shell("true", after=["01ARZ3NDEKTSV4RRFFQ69G5FAV"])
 
 
+@pytest.mark.slow
 def test_stdin_from_pipes_while_producer_runs(client: Any) -> None:
     producer = client.submit_shell("seq 1 50000; sleep 0.5; seq 50001 100000")
     consumer = client.submit_shell("wc -l", stdin_from=producer)
@@ -184,6 +187,7 @@ def test_group_limit_holds_and_does_not_starve_others(daemon_factory: Any) -> No
     assert {g["name"]: g["parallel"] for g in d.client().groups()}["g"] == 2
 
 
+@pytest.mark.slow
 def test_priorities_order_the_queue(daemon_factory: Any) -> None:
     d = daemon_factory("--parallel", "1")
     c = d.client()

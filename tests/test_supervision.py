@@ -20,6 +20,7 @@ def _ready_worker_pids(c: Any) -> set[int]:
     return {w["pid"] for w in c.hello()["workers"] if w["state"] == "ready"}
 
 
+@pytest.mark.slow
 def test_worker_kill9_mid_effect_is_worker_lost_and_pool_restored(daemon: Any) -> None:
     c = daemon.client()
     eid = c.submit_shell("echo $$; sleep 100")
@@ -35,6 +36,7 @@ def test_worker_kill9_mid_effect_is_worker_lost_and_pool_restored(daemon: Any) -
     assert c.wait(c.submit_shell("true")).state is EffectState.SUCCEEDED
 
 
+@pytest.mark.slow
 def test_worker_lost_effect_is_retried_when_allowed(daemon: Any) -> None:
     c = daemon.client()
     eid = c.submit_shell("echo go; sleep 100", retries=1, retry_backoff=0.01)
@@ -48,6 +50,7 @@ def test_worker_lost_effect_is_retried_when_allowed(daemon: Any) -> None:
     assert c.wait(eid, timeout=20).state is EffectState.CANCELLED
 
 
+@pytest.mark.slow
 def test_python_os_exit_is_worker_lost_and_next_python_effect_runs(daemon: Any) -> None:
     c = daemon.client()
     rec = c.wait(c.submit_python("effectd_test_effects:exit_hard", [1]), timeout=30)
@@ -91,6 +94,7 @@ def test_worker_leaking_past_max_rss_is_recycled(daemon_factory: Any) -> None:
     assert c.wait(c.submit_python("effectd_test_effects:add", [1, 1]), timeout=30).result == 2
 
 
+@pytest.mark.slow
 def test_cancel_kills_setsid_and_double_forked_descendants(daemon: Any) -> None:
     c = daemon.client()
     script = ("setsid sh -c 'echo $$; exec sleep 300' & "
@@ -140,6 +144,7 @@ def test_crash_loop_is_reported_and_daemon_keeps_serving(daemon: Any) -> None:
     assert c.wait(c.submit_python("effectd_test_effects:add", [5, 5]), timeout=60).result == 10
 
 
+@pytest.mark.slow
 def test_files_and_sockets_are_private(daemon: Any) -> None:
     c = daemon.client()
     c.wait(c.submit_shell("echo secret"))
@@ -174,6 +179,7 @@ def test_pool_grows_for_python_effects_and_idle_workers_retire(daemon_factory: A
     wait_until(lambda: len(c.hello()["workers"]) == 1, timeout=20, what="idle workers retired to --min-workers")
 
 
+@pytest.mark.slow
 def test_worker_recycled_after_max_effects(daemon_factory: Any) -> None:
     d = daemon_factory("--max-effects-per-worker", "2", "--max-workers", "1")
     c = d.client()

@@ -191,6 +191,7 @@ def test_worker_runs_only_assignments_macd_with_its_daemons_secret(tmp_path: Pat
         shutil.rmtree(runtime, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_surviving_worker_never_reconnects_through_a_swapped_runtime_dir(daemon_factory: Any) -> None:
     """The daemon crashed (its workers survive and keep reconnecting) and its runtime dir is
     replaced by a symlink to a dir holding a fake ``workers.sock``: the worker's reconnects -
@@ -240,6 +241,7 @@ def test_worker_key_is_private_kept_across_restarts_and_not_inherited_by_effects
     assert "without a valid MAC" not in daemon.log()
 
 
+@pytest.mark.slow
 def test_daemon_stops_cleanly_when_its_vanished_runtime_dir_comes_back_as_a_symlink(daemon_factory: Any) -> None:
     d: DaemonHandle = daemon_factory("--kill-grace", "1")
     c = d.client()
