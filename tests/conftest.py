@@ -9,6 +9,10 @@ its dirs).
 Teardown stops every daemon on the handles' dirs (whoever started it) and proves that nothing
 it started survives: no daemon, no worker process (found by its ``--runtime-dir`` argument) and
 no effect process (found by the ``EFFECTD_EFFECT_ID`` marker every effect's processes inherit).
+
+Timeouts: pyproject's 60 s default; add ``@pytest.mark.timeout(N)`` only when the test's own
+bounded waits add up to more. Mark ``@pytest.mark.slow`` any test taking more than about a second
+(``--durations=0``), so that ``-m "not slow"`` stays a loop of under a minute.
 """
 
 from __future__ import annotations
