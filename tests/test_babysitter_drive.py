@@ -104,6 +104,13 @@ export async function process(inputs, ctx) {
 # Helpers
 
 
+@pytest.fixture
+def daemon(shared_daemon: DaemonHandle) -> DaemonHandle:
+    """The drivers need only *a* daemon (each run's effects carry their own run label, and none
+    stops the daemon): the tests share the module's."""
+    return shared_daemon
+
+
 def custom_run(cli: BabysitterCli, sdk: Any, tmp_path: Path, name: str, source: str,
                inputs: Any = None) -> Path:
     """A run of a process written here (next to a node_modules link to the SDK's)."""
