@@ -1,8 +1,18 @@
-"""Shared fixtures: a real effectd daemon per test, in its own short temporary directories.
+"""Shared fixtures: real effectd daemons, each in its own short temporary directories.
 
-Teardown stops the daemon and proves that nothing it started survives: no worker process
-(found by its ``--runtime-dir`` argument) and no effect process (found by the
-``EFFECTD_EFFECT_ID`` marker every effect's processes inherit).
+Every test daemon comes from one factory (:class:`DaemonFactory`), in one of three scopes:
+``daemon``/``client``/``daemon_factory`` per test, ``module_daemon_factory``/``shared_daemon``
+per module (for files whose tests only need *a* daemon: one start instead of dozens). A handle
+may be started by the test instead of the factory (``start=False``, or a client's autostart on
+its dirs).
+
+Teardown stops every daemon on the handles' dirs (whoever started it) and proves that nothing
+it started survives: no daemon, no worker process (found by its ``--runtime-dir`` argument) and
+no effect process (found by the ``EFFECTD_EFFECT_ID`` marker every effect's processes inherit).
+
+Timeouts: pyproject's 60 s default; add ``@pytest.mark.timeout(N)`` only when the test's own
+bounded waits add up to more. Mark ``@pytest.mark.slow`` any test taking more than about a second
+(``--durations=0``), so that ``-m "not slow"`` stays a loop of under a minute.
 """
 
 from __future__ import annotations
@@ -117,6 +127,23 @@ class DaemonHandle:
             self.proc.wait(5)
             raise AssertionError(f"daemon did not stop within {timeout}s:\n{self.log()}") from None
 
+    def daemon_processes(self) -> list[psutil.Process]:
+        """Live effectd daemons whose runtime dir is this handle's (by argument or environment),
+        whoever started them: the fixture, the test, or a client's autostart."""
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                cmd = p.info.get("cmdline") or []
+                if "effectd.daemon.main" not in cmd or p.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                if "--runtime-dir" in cmd:
+                    runtime = cmd[cmd.index("--runtime-dir") + 1]
+                else:
+                    runtime = p.environ().get("EFFECTD_RUNTIME_DIR", "")
+                if runtime == str(self.runtime):
+                    found.append(p)
+        return found
+
     def worker_processes(self) -> list[psutil.Process]:
         out = []
         needle = str(self.runtime)
@@ -167,43 +194,84 @@ def make_daemon(args: list[str] | None = None, env: dict[str, str] | None = None
     return DaemonHandle(root, runtime, state, list(args or []), full_env)
 
 
+def _stop_other_daemons(d: DaemonHandle) -> list[str]:
+    """Stop daemons on ``d``'s runtime dir that ``d.proc`` is not (autostarted by a client);
+    describe those that outlive a SIGTERM pair and 30 s."""
+    ours = d.proc.pid if d.proc is not None else None
+    procs = [p for p in d.daemon_processes() if p.pid != ours]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGTERM)
+            p.send_signal(signal.SIGTERM)  # the second one: stop at once, no drain
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    return [f"daemon pid {p.pid}" for p in alive]
+
+
 def cleanup_daemon(d: DaemonHandle) -> list[str]:
-    """Stop the daemon and everything it started; return descriptions of leaked processes."""
+    """Stop the daemon (and any other one on its runtime dir) and everything they started;
+    return descriptions of leaked processes."""
     for c in d.clients:
         with contextlib.suppress(Exception):
             c.close()
     with contextlib.suppress(Exception):
         d.stop()
-    leaked = d.survivors()
-    descriptions = []
-    for p in leaked:
+    leaks = _stop_other_daemons(d)
+    for p in d.survivors():
         with contextlib.suppress(psutil.Error):
-            descriptions.append(f"pid {p.pid}: {' '.join(p.cmdline())}")
+            leaks.append(f"pid {p.pid}: {' '.join(p.cmdline())}")
             p.kill()
     shutil.rmtree(d.root, ignore_errors=True)
-    return descriptions
+    return leaks
 
 
-@pytest.fixture
-def daemon_factory() -> Iterator[Any]:
-    """Start daemons with custom arguments: ``d = daemon_factory("--parallel", "2")``."""
-    handles: list[DaemonHandle] = []
+class DaemonFactory:
+    """Start daemons with custom arguments: ``d = factory("--parallel", "2")``; ``close()`` stops
+    them all and fails if any process one of them started survives."""
 
-    def factory(*args: str, env: dict[str, str] | None = None, start: bool = True) -> DaemonHandle:
+    def __init__(self) -> None:
+        self.handles: list[DaemonHandle] = []
+
+    def __call__(self, *args: str, env: dict[str, str] | None = None, start: bool = True) -> DaemonHandle:
         d = make_daemon(list(args), env)
-        handles.append(d)
+        self.handles.append(d)
         return d.start() if start else d
 
-    yield factory
-    leaks: list[str] = []
-    for d in handles:
-        leaks += cleanup_daemon(d)
-    assert not leaks, f"processes survived the daemon: {leaks}"
+    def close(self) -> None:
+        leaks: list[str] = []
+        for d in self.handles:
+            leaks += cleanup_daemon(d)
+        self.handles.clear()
+        assert not leaks, f"processes survived the daemon: {leaks}"
 
 
 @pytest.fixture
-def daemon(daemon_factory: Any) -> DaemonHandle:
-    return daemon_factory("--kill-grace", "1")  # type: ignore[no-any-return]
+def daemon_factory() -> Iterator[DaemonFactory]:
+    """Daemons for one test: ``d = daemon_factory("--parallel", "2")``."""
+    factory = DaemonFactory()
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="module")
+def module_daemon_factory() -> Iterator[DaemonFactory]:
+    """Daemons shared by the tests of one module; stopped and checked after its last test."""
+    factory = DaemonFactory()
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(module_daemon_factory: DaemonFactory) -> DaemonHandle:
+    """One daemon for a whole module, for tests that do not depend on a fresh journal."""
+    return module_daemon_factory("--kill-grace", "1")
+
+
+@pytest.fixture
+def daemon(daemon_factory: DaemonFactory) -> DaemonHandle:
+    return daemon_factory("--kill-grace", "1")
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from effectd.client import EffectState
 from effectd.client.aio import AsyncClient
 from effectd.ipc.errors import DaemonUnavailable, InvalidState, NotFound
 from tests.client_followers import record_followers
+from tests.conftest import DaemonHandle
 
 T = TypeVar("T")
 
@@ -22,9 +23,11 @@ SEQ_100K = b"".join(b"%d\n" % i for i in range(1, 100_001))
 
 
 @pytest.fixture
-def daemon(daemon: Any) -> Iterator[Any]:
-    """The conftest daemon, plus: cancel what a failed test left running (workers and effects
-    outlive a stopped daemon, and the teardown would report them as leaks)."""
+def daemon(shared_daemon: DaemonHandle) -> Iterator[DaemonHandle]:
+    """The module's shared daemon (these tests need only *a* daemon; the two that stop it start
+    their own), plus: cancel what a test left running, so the next one starts from a quiet daemon
+    (and workers and effects outlive a stopped daemon: the teardown would report them as leaks)."""
+    daemon = shared_daemon
     yield daemon
     with contextlib.suppress(Exception):
         c = daemon.client(timeout=2, retries=0)
@@ -45,7 +48,6 @@ def run(daemon: Any, body: Callable[[AsyncClient], Awaitable[T]], **kwargs: Any)
     return asyncio.run(main())
 
 
-@pytest.mark.timeout(60)
 def test_every_operation_round_trips(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:
         info = await c.hello()
@@ -87,7 +89,6 @@ def test_every_operation_round_trips(daemon: Any) -> None:
     run(daemon, body)
 
 
-@pytest.mark.timeout(60)
 def test_twenty_concurrent_waits_on_one_client(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:
         # Submitted concurrently too: twenty submits in flight on one DEALER.
@@ -104,7 +105,6 @@ def test_twenty_concurrent_waits_on_one_client(daemon: Any) -> None:
     run(daemon, body)
 
 
-@pytest.mark.timeout(60)
 def test_as_completed_yields_in_completion_order(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:
         ids = [await c.submit_shell(f"sleep {s}") for s in ("0.6", "0.3", "0.1")]
@@ -114,7 +114,7 @@ def test_as_completed_yields_in_completion_order(daemon: Any) -> None:
     run(daemon, body)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_as_completed_times_out(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:
         quick, slow = await c.submit_sleep(0.01), await c.submit_sleep(30)
@@ -128,7 +128,6 @@ def test_as_completed_times_out(daemon: Any) -> None:
     run(daemon, body)
 
 
-@pytest.mark.timeout(60)
 def test_cancelling_a_waiting_task_leaves_the_client_usable(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:
         long = await c.submit_sleep(60)
@@ -153,7 +152,6 @@ def test_cancelling_a_waiting_task_leaves_the_client_usable(daemon: Any) -> None
     run(daemon, body)
 
 
-@pytest.mark.timeout(60)
 def test_cancelling_a_stream_closes_its_socket(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:
         eid = await c.submit_shell("echo start; sleep 60")
@@ -181,7 +179,6 @@ async def _collect(c: AsyncClient, eid: str, **kwargs: Any) -> bytes:
     return b"".join([chunk.data async for chunk in c.stream(eid, **kwargs)])
 
 
-@pytest.mark.timeout(90)
 def test_stream_is_exact_live_and_after_the_end(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:
         eid = await c.submit_shell("seq 1 100000")
@@ -201,7 +198,7 @@ def test_stream_is_exact_live_and_after_the_end(daemon: Any) -> None:
     run(daemon, body)
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.slow
 def test_stream_fills_forced_drops_exactly(daemon_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # Tiny high-water marks on the whole stream path (daemon, workers and our SUB) and a consumer
     # slower than the producer: PUB must drop, and the stream must fill every gap from the store.
@@ -227,7 +224,7 @@ def test_stream_fills_forced_drops_exactly(daemon_factory: Any, monkeypatch: pyt
     run(d, body)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_stream_ends_without_its_finished_event_despite_unrelated_traffic(
         daemon: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # The 'finished' event is lost (made unrecognisable here), and another subscriber keeps
@@ -278,7 +275,6 @@ def test_stream_ends_without_its_finished_event_despite_unrelated_traffic(
     run(daemon, body)
 
 
-@pytest.mark.timeout(60)
 def test_stream_of_unknown_effect_raises(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:
         with pytest.raises(NotFound):
@@ -290,7 +286,6 @@ def test_stream_of_unknown_effect_raises(daemon: Any) -> None:
     run(daemon, body)
 
 
-@pytest.mark.timeout(60)
 def test_lazy_pirate_resends_every_request_in_flight(daemon: Any) -> None:
     async def body(c: AsyncClient) -> None:
         eid = await c.submit_sleep(0.5)
@@ -309,8 +304,8 @@ def test_lazy_pirate_resends_every_request_in_flight(daemon: Any) -> None:
     run(daemon, body)
 
 
-@pytest.mark.timeout(60)
-def test_no_daemon_gives_daemon_unavailable_within_the_timeouts(daemon: Any) -> None:
+def test_no_daemon_gives_daemon_unavailable_within_the_timeouts(daemon_factory: Any) -> None:
+    daemon = daemon_factory("--kill-grace", "1")
     daemon.stop()
 
     async def body(c: AsyncClient) -> None:
@@ -322,11 +317,13 @@ def test_no_daemon_gives_daemon_unavailable_within_the_timeouts(daemon: Any) -> 
     run(daemon, body, timeout=0.3, retries=1)
 
 
-@pytest.mark.timeout(60)
-def test_request_timeout_reconnects_and_gives_up(daemon: Any) -> None:
+@pytest.mark.slow
+def test_request_timeout_reconnects_and_gives_up(daemon_factory: Any) -> None:
     # A daemon that is stopped (SIGSTOP) answers nothing: each attempt times out, the client
     # reconnects between attempts, and the call fails after 1 + retries attempts.
     import signal
+
+    daemon = daemon_factory("--kill-grace", "1")
 
     async def body(c: AsyncClient) -> None:
         await c.hello()
@@ -345,7 +342,7 @@ def test_request_timeout_reconnects_and_gives_up(daemon: Any) -> None:
     run(daemon, body, timeout=0.3, retries=2)
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.slow
 def test_autostart_starts_a_daemon(daemon_factory: Any) -> None:
     d = daemon_factory(start=False)
 

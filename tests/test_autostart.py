@@ -2,79 +2,38 @@
 one (exactly one, however many start it at once), a second daemon on a runtime dir is refused,
 autostart=False never starts one, and unsafe runtime dirs are refused.
 
-``make_daemon`` from conftest gives each test its own dirs and environment; the daemon is started
-by the code under test, so the finalizer finds it through the runtime dir's lock and its
-environment, stops it, and proves that no daemon, worker or effect process survives.
+conftest's ``daemon_factory(start=False)`` gives each test its own dirs and environment; the daemon
+is started by the code under test, so the factory's teardown finds it through its runtime dir
+(argument or environment), stops it, and proves that no daemon, worker or effect process survives.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from effectd.client import Client, DaemonUnavailable, EffectState
 from effectd.client.autostart import running_pid
-from tests.conftest import DaemonHandle, cleanup_daemon, make_daemon, wait_until
+from tests.conftest import DaemonFactory, DaemonHandle, wait_until
 
 EXIT_ALREADY_RUNNING = 75
 
 
-def daemon_processes(d: DaemonHandle) -> list[psutil.Process]:
-    """Live effectd daemons whose runtime dir is ``d.runtime`` (by argument or environment)."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            cmd = p.info.get("cmdline") or []
-            if "effectd.daemon.main" not in cmd or p.status() == psutil.STATUS_ZOMBIE:
-                continue
-            runtime = None
-            if "--runtime-dir" in cmd:
-                runtime = cmd[cmd.index("--runtime-dir") + 1]
-            else:
-                runtime = p.environ().get("EFFECTD_RUNTIME_DIR")
-            if runtime == str(d.runtime):
-                found.append(p)
-    return found
-
-
-def stop_everything(d: DaemonHandle) -> list[str]:
-    """Stop whatever daemon runs on ``d``'s dirs, then everything it started; describe leaks."""
-    procs = daemon_processes(d)
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.send_signal(signal.SIGTERM)
-            p.send_signal(signal.SIGTERM)  # the second one: stop at once, no drain
-    _, alive = psutil.wait_procs(procs, timeout=30)
-    leaks = [f"daemon pid {p.pid}" for p in alive]
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    return leaks + cleanup_daemon(d)
-
-
 @pytest.fixture
-def cold(monkeypatch: pytest.MonkeyPatch) -> Iterator[DaemonHandle]:
+def cold(daemon_factory: DaemonFactory, monkeypatch: pytest.MonkeyPatch) -> DaemonHandle:
     """Dirs and environment for a daemon nobody started yet; this process's environment points
     at them, so ``Client()`` and effectctl find them the way a user's would."""
-    d = make_daemon()
+    d = daemon_factory(start=False)
     for key in ("EFFECTD_RUNTIME_DIR", "EFFECTD_STATE_DIR", "PYTHONPATH"):
         monkeypatch.setenv(key, d.env[key])
-    try:
-        yield d
-    finally:
-        leaks = stop_everything(d)
-        assert not leaks, f"processes survived: {leaks}"
+    return d
 
 
 def client_code(body: str) -> list[str]:
@@ -84,9 +43,9 @@ def client_code(body: str) -> list[str]:
 # ---- autostart ------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(40)
+@pytest.mark.slow
 def test_client_autostarts_a_daemon(cold: DaemonHandle) -> None:
-    assert running_pid(cold.runtime) is None and not daemon_processes(cold)
+    assert running_pid(cold.runtime) is None and not cold.daemon_processes()
     with Client(autostart=True) as c:  # dirs from the environment
         info = c.hello()
         pid = info["pid"]
@@ -96,7 +55,7 @@ def test_client_autostarts_a_daemon(cold: DaemonHandle) -> None:
         assert c.wait(eid, timeout=20).state is EffectState.SUCCEEDED
         assert c.output(eid) == b"from-autostarted\n"
     assert running_pid(cold.runtime) == pid
-    assert [p.pid for p in daemon_processes(cold)] == [pid]
+    assert [p.pid for p in cold.daemon_processes()] == [pid]
     assert os.getsid(pid) == pid  # detached: its own session, so no terminal signal reaches it
     log = cold.state / "effectd.log"  # an autostarted daemon logs to its state dir
     assert log.exists()
@@ -106,14 +65,14 @@ def test_client_autostarts_a_daemon(cold: DaemonHandle) -> None:
         assert c2.hello()["pid"] == pid
 
 
-@pytest.mark.timeout(40)
+@pytest.mark.slow
 def test_effectctl_run_works_cold(cold: DaemonHandle) -> None:
     p = subprocess.run([sys.executable, "-m", "effectd.cli", "run", "--", "true"], env=dict(cold.env),
                        capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stderr
     assert p.stdout == b""
     pid = running_pid(cold.runtime)
-    assert pid is not None and [p.pid for p in daemon_processes(cold)] == [pid]
+    assert pid is not None and [p.pid for p in cold.daemon_processes()] == [pid]
     p = subprocess.run([sys.executable, "-m", "effectd.cli", "run", "--", "sh", "-c", "echo warm"],
                        env=dict(cold.env), capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
     assert (p.returncode, p.stdout) == (0, b"warm\n")
@@ -123,7 +82,7 @@ def test_effectctl_run_works_cold(cold: DaemonHandle) -> None:
 # ---- one daemon per runtime dir -------------------------------------------------------------
 
 
-@pytest.mark.timeout(40)
+@pytest.mark.slow
 def test_second_daemon_on_the_same_runtime_dir_is_refused(daemon: DaemonHandle) -> None:
     for extra in ([], ["--runtime-dir", str(daemon.runtime), "--state-dir", str(daemon.state)]):
         p = subprocess.run([sys.executable, "-m", "effectd.daemon.main", *extra], env=dict(daemon.env),
@@ -132,7 +91,7 @@ def test_second_daemon_on_the_same_runtime_dir_is_refused(daemon: DaemonHandle) 
         err = p.stderr.decode()
         assert "already running" in err and str(daemon.pid) in err, err
     assert daemon.client().hello()["pid"] == daemon.pid  # the first one is untouched
-    assert [p.pid for p in daemon_processes(daemon)] == [daemon.pid]
+    assert [p.pid for p in daemon.daemon_processes()] == [daemon.pid]
 
 
 RACER = """
@@ -147,7 +106,7 @@ RACER = """
 """
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_ten_concurrent_processes_start_exactly_one_daemon(cold: DaemonHandle, tmp_path: Path) -> None:
     go = tmp_path / "go"
     racers = [subprocess.Popen([*client_code(RACER), str(tmp_path / f"ready-{i}"), str(go)],
@@ -170,11 +129,11 @@ def test_ten_concurrent_processes_start_exactly_one_daemon(cold: DaemonHandle, t
     [pid] = pids
     assert running_pid(cold.runtime) == pid
     # Losing racers' daemons exit with EX_TEMPFAIL once they find the lock taken.
-    wait_until(lambda: [p.pid for p in daemon_processes(cold)] == [pid], timeout=20,
+    wait_until(lambda: [p.pid for p in cold.daemon_processes()] == [pid], timeout=20,
                what="the losing daemons to exit")
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_ten_concurrent_threads_start_exactly_one_daemon(cold: DaemonHandle) -> None:
     barrier = threading.Barrier(10)
     results: list[Any] = [None] * 10
@@ -195,14 +154,13 @@ def test_ten_concurrent_threads_start_exactly_one_daemon(cold: DaemonHandle) -> 
     assert all(isinstance(r, int) for r in results), results
     assert len(set(results)) == 1, results
     pid = results[0]
-    wait_until(lambda: [p.pid for p in daemon_processes(cold)] == [pid], timeout=20,
+    wait_until(lambda: [p.pid for p in cold.daemon_processes()] == [pid], timeout=20,
                what="the losing daemons to exit")
 
 
 # ---- autostart disabled ---------------------------------------------------------------------
 
 
-@pytest.mark.timeout(20)
 def test_autostart_false_without_daemon_is_unavailable(cold: DaemonHandle) -> None:
     with Client(autostart=False) as c, pytest.raises(DaemonUnavailable) as exc:
         c.hello()
@@ -217,7 +175,7 @@ def test_autostart_false_without_daemon_is_unavailable(cold: DaemonHandle) -> No
     p = subprocess.run([sys.executable, "-m", "effectd.cli", "daemon", "status"], env=dict(cold.env),
                        capture_output=True, timeout=20, stdin=subprocess.DEVNULL)
     assert p.returncode == 3 and b"not running" in p.stdout
-    assert not daemon_processes(cold)  # nothing was started
+    assert not cold.daemon_processes()  # nothing was started
 
 
 # ---- unsafe runtime dirs --------------------------------------------------------------------
@@ -228,7 +186,6 @@ def start_daemon_foreground(d: DaemonHandle) -> subprocess.CompletedProcess[byte
                           capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
 
 
-@pytest.mark.timeout(30)
 def test_world_writable_runtime_dir_is_refused(cold: DaemonHandle) -> None:
     cold.runtime.mkdir()
     cold.runtime.chmod(0o777)
@@ -240,10 +197,9 @@ def test_world_writable_runtime_dir_is_refused(cold: DaemonHandle) -> None:
     with Client(autostart=True) as c, pytest.raises(DaemonUnavailable) as exc:
         c.hello()  # the client refuses it too, before starting anything
     assert str(cold.runtime) in str(exc.value)
-    assert not daemon_processes(cold)
+    assert not cold.daemon_processes()
 
 
-@pytest.mark.timeout(30)
 def test_group_writable_state_dir_is_refused(cold: DaemonHandle) -> None:
     cold.state.mkdir()
     cold.state.chmod(0o770)
@@ -252,7 +208,6 @@ def test_group_writable_state_dir_is_refused(cold: DaemonHandle) -> None:
     assert str(cold.state) in p.stderr.decode() and "writable" in p.stderr.decode()
 
 
-@pytest.mark.timeout(30)
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
 def test_runtime_dir_owned_by_another_user_is_refused(cold: DaemonHandle) -> None:
     cold.runtime.mkdir(mode=0o700)
@@ -264,4 +219,4 @@ def test_runtime_dir_owned_by_another_user_is_refused(cold: DaemonHandle) -> Non
     with Client(autostart=True) as c, pytest.raises(DaemonUnavailable) as exc:
         c.hello()
     assert "65534" in str(exc.value)
-    assert not daemon_processes(cold)
+    assert not cold.daemon_processes()

@@ -104,6 +104,13 @@ export async function process(inputs, ctx) {
 # Helpers
 
 
+@pytest.fixture
+def daemon(shared_daemon: DaemonHandle) -> DaemonHandle:
+    """The drivers need only *a* daemon (each run's effects carry their own run label, and none
+    stops the daemon): the tests share the module's."""
+    return shared_daemon
+
+
 def custom_run(cli: BabysitterCli, sdk: Any, tmp_path: Path, name: str, source: str,
                inputs: Any = None) -> Path:
     """A run of a process written here (next to a node_modules link to the SDK's)."""
@@ -170,7 +177,7 @@ def epoch(iso: str) -> float:
 # Tests
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_parallel_shell_tasks_posted_in_completion_order(
     daemon: DaemonHandle, babysitter_cli: BabysitterCli, make_run: Any
 ) -> None:
@@ -204,7 +211,7 @@ def test_parallel_shell_tasks_posted_in_completion_order(
     assert summary["iterations"] == result.iterations >= 2
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_phase_two_starts_before_the_slowest_phase_one_sibling_finishes(
     daemon: DaemonHandle, babysitter_cli: BabysitterCli, babysitter_sdk: Any, tmp_path: Path
 ) -> None:
@@ -230,7 +237,7 @@ def test_phase_two_starts_before_the_slowest_phase_one_sibling_finishes(
     assert journal.index(("EFFECT_RESOLVED", ids["fast-phase2"])) < slow_resolved
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_failing_shell_task_is_posted_ok_with_success_false(
     daemon: DaemonHandle, babysitter_cli: BabysitterCli, make_run: Any
 ) -> None:
@@ -258,6 +265,7 @@ def test_failing_shell_task_is_posted_ok_with_success_false(
     assert outcome["fails"].exit_code == 3 and outcome["fails"].posted == "ok"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_killed_driver_restarts_without_rerunning_or_reposting(
     daemon: DaemonHandle, babysitter_cli: BabysitterCli, make_run: Any
@@ -299,7 +307,7 @@ def test_killed_driver_restarts_without_rerunning_or_reposting(
     assert [e.type for e in read_journal(run_dir)].count("RUN_COMPLETED") == 1
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_sleep_is_posted_at_its_target_never_before(
     daemon: DaemonHandle, babysitter_cli: BabysitterCli, make_run: Any
 ) -> None:
@@ -322,7 +330,7 @@ def test_sleep_is_posted_at_its_target_never_before(
     assert len(sleeps) == 1 and sleeps[0].labels["babysitter.effect"] == sleep_id
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_node_task(daemon: DaemonHandle, babysitter_cli: BabysitterCli, make_run: Any,
                    tmp_path: Path) -> None:
     script = tmp_path / "hello.mjs"
@@ -340,7 +348,7 @@ def test_node_task(daemon: DaemonHandle, babysitter_cli: BabysitterCli, make_run
     assert_exactly_once(run_dir)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_unsupported_kind_is_left_waiting_then_run_by_exec_kind(
     daemon: DaemonHandle, babysitter_cli: BabysitterCli, babysitter_sdk: Any, tmp_path: Path
 ) -> None:
@@ -374,7 +382,7 @@ def test_unsupported_kind_is_left_waiting_then_run_by_exec_kind(
     assert (run_dir / "tasks" / ask / "artifacts" / "effectd-action.json").is_file()
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_failed_run_exits_1_with_the_sdk_error(
     daemon: DaemonHandle, babysitter_cli: BabysitterCli, babysitter_sdk: Any, tmp_path: Path
 ) -> None:
@@ -389,7 +397,7 @@ def test_failed_run_exits_1_with_the_sdk_error(
     assert [e.type for e in read_journal(run_dir)].count("RUN_FAILED") == 1
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 def test_second_driver_on_the_same_run_is_refused(
     daemon: DaemonHandle, babysitter_cli: BabysitterCli, make_run: Any
 ) -> None:

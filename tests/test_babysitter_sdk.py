@@ -152,10 +152,12 @@ def drive(cli: BabysitterCli, run_dir: Path, logs: Path, *, deadline: float = 25
 # Real-SDK tests
 
 
+@pytest.mark.slow
 def test_sdk_version(babysitter_cli: BabysitterCli) -> None:
     assert babysitter_cli.version() == "0.0.187"
 
 
+@pytest.mark.slow
 def test_drive_three_parallel_shell_tasks(
     babysitter_cli: BabysitterCli, make_run: Any, tmp_path: Path
 ) -> None:
@@ -195,6 +197,7 @@ def test_drive_three_parallel_shell_tasks(
         assert log_file.read_text() == f"{effect.label}\n"
 
 
+@pytest.mark.slow
 def test_failed_shell_task_posted_ok_is_seen_by_the_process(
     babysitter_cli: BabysitterCli, make_run: Any, tmp_path: Path
 ) -> None:
@@ -215,6 +218,7 @@ def test_failed_shell_task_posted_ok_is_seen_by_the_process(
     assert set(counts) == requested_effect_ids(run_dir)
 
 
+@pytest.mark.slow
 def test_two_phase_branches(babysitter_cli: BabysitterCli, make_run: Any, tmp_path: Path) -> None:
     run_dir = make_run("two_phase")
     log = drive(babysitter_cli, run_dir, tmp_path / "logs")
@@ -232,6 +236,7 @@ def test_two_phase_branches(babysitter_cli: BabysitterCli, make_run: Any, tmp_pa
     assert sorted(resolved_effect_ids(run_dir).values()) == [1, 1, 1, 1]
 
 
+@pytest.mark.slow
 def test_sequential_steps_inside_parallel_all_duplicate_effects(
     babysitter_cli: BabysitterCli, make_run: Any
 ) -> None:
@@ -246,6 +251,7 @@ def test_sequential_steps_inside_parallel_all_duplicate_effects(
     assert second.pending[1].effect_id not in {e.effect_id for e in first.pending}
 
 
+@pytest.mark.slow
 def test_post_exit_codes_and_refusals(babysitter_cli: BabysitterCli, make_run: Any) -> None:
     run_dir = make_run("parallel_three")
     short, medium, long = babysitter_cli.iterate(run_dir).pending
@@ -279,6 +285,7 @@ def test_post_exit_codes_and_refusals(babysitter_cli: BabysitterCli, make_run: A
     assert pending_effect_ids(run_dir) == {long.effect_id}
 
 
+@pytest.mark.slow
 def test_large_value_goes_through_a_file(babysitter_cli: BabysitterCli, make_run: Any) -> None:
     run_dir = make_run("parallel_three", inputs={"durations": [0, 0, 0]})
     pending = babysitter_cli.iterate(run_dir).pending
@@ -290,6 +297,7 @@ def test_large_value_goes_through_a_file(babysitter_cli: BabysitterCli, make_run
     assert done.output == {"short": big, "medium": big, "long": big}
 
 
+@pytest.mark.slow
 def test_sleep_effect(babysitter_cli: BabysitterCli, make_run: Any, tmp_path: Path) -> None:
     until = int(time.time() * 1000) + 5000  # margin for two Node starts on a loaded 2-core machine
     run_dir = make_run("sleep_until", inputs={"until": until})
@@ -312,6 +320,7 @@ def test_sleep_effect(babysitter_cli: BabysitterCli, make_run: Any, tmp_path: Pa
     assert pending_effect_ids(run_dir) == set()
 
 
+@pytest.mark.slow
 def test_node_task_definition(babysitter_cli: BabysitterCli, make_run: Any, tmp_path: Path) -> None:
     script = tmp_path / "hello.mjs"
     script.write_text(

@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import DaemonHandle
+
 SEQ_10K = b"".join(b"%d\n" % i for i in range(1, 10_001))
 
 
@@ -107,6 +109,13 @@ class BridgeProc:
 
 
 @pytest.fixture
+def daemon(shared_daemon: DaemonHandle) -> DaemonHandle:
+    """No test here needs a fresh daemon or stops it: they share the module's (one start, not 14);
+    conftest still checks, after the last one, that nothing any of them started survives."""
+    return shared_daemon
+
+
+@pytest.fixture
 def bridge(daemon: Any) -> Iterator[Callable[..., BridgeProc]]:
     procs: list[BridgeProc] = []
 
@@ -144,7 +153,6 @@ def reassemble(chunks: list[dict[str, Any]], stream: str = "stdout") -> bytes:
     return bytes(out)
 
 
-@pytest.mark.timeout(60)
 def test_hello_submit_subscribe_wait_and_clean_eof(bridge: Any, daemon: Any) -> None:
     b = bridge()
     hello = b.call({"id": 1, "op": "hello"})
@@ -170,7 +178,6 @@ def test_hello_submit_subscribe_wait_and_clean_eof(bridge: Any, daemon: Any) -> 
     b.assert_only_json_lines()
 
 
-@pytest.mark.timeout(60)
 def test_malformed_lines_are_answered_and_the_bridge_keeps_running(bridge: Any) -> None:
     b = bridge()
     b.send(b"this is not json\n")
@@ -203,7 +210,6 @@ def test_malformed_lines_are_answered_and_the_bridge_keeps_running(bridge: Any) 
     b.assert_only_json_lines()
 
 
-@pytest.mark.timeout(60)
 def test_a_long_wait_does_not_block_other_requests(bridge: Any) -> None:
     b = bridge()
     eid = b.call({"id": 1, "op": "submit", "effect": {"kind": "sleep", "seconds": 60}})["effect"]
@@ -223,7 +229,6 @@ def test_a_long_wait_does_not_block_other_requests(bridge: Any) -> None:
     assert b.wait() == 0
 
 
-@pytest.mark.timeout(60)
 def test_read_output_and_result_encode_bytes(bridge: Any) -> None:
     b = bridge()
     eid = b.call({"id": 1, "op": "submit", "effect": {"kind": "shell", "argv": [
@@ -245,7 +250,6 @@ def test_read_output_and_result_encode_bytes(bridge: Any) -> None:
     b.assert_only_json_lines()
 
 
-@pytest.mark.timeout(60)
 def test_unsubscribe_ends_the_subscription_before_its_reply(bridge: Any) -> None:
     b = bridge()
     eid = b.call({"id": 1, "op": "submit", "effect": {
@@ -273,7 +277,6 @@ def test_unsubscribe_ends_the_subscription_before_its_reply(bridge: Any) -> None
     b.assert_only_json_lines()
 
 
-@pytest.mark.timeout(60)
 def test_eof_finishes_requests_in_flight_and_the_stream_they_outlive(bridge: Any, daemon: Any) -> None:
     # Everything written at once, then EOF: the bridge still answers all of it.
     c = daemon.client()
@@ -291,7 +294,6 @@ def test_eof_finishes_requests_in_flight_and_the_stream_they_outlive(bridge: Any
     b.assert_only_json_lines()
 
 
-@pytest.mark.timeout(60)
 def test_eof_ends_open_subscriptions_after_the_grace(bridge: Any, daemon: Any) -> None:
     c = daemon.client()
     eid = c.submit_shell("sleep 60")
@@ -305,7 +307,6 @@ def test_eof_ends_open_subscriptions_after_the_grace(bridge: Any, daemon: Any) -
     c.cancel(eid)
 
 
-@pytest.mark.timeout(60)
 def test_sigterm_cancels_everything_and_each_gets_its_last_line(bridge: Any, daemon: Any) -> None:
     c = daemon.client()
     eid = c.submit_shell("sleep 60")
@@ -321,7 +322,6 @@ def test_sigterm_cancels_everything_and_each_gets_its_last_line(bridge: Any, dae
     c.cancel(eid)
 
 
-@pytest.mark.timeout(60)
 def test_stray_writes_to_stdout_never_reach_the_protocol(bridge: Any) -> None:
     # Something in the process printing, or writing to fd 1 directly, lands on stderr.
     code = ("import os, effectd.bridge as b\n"
@@ -341,7 +341,6 @@ def test_stray_writes_to_stdout_never_reach_the_protocol(bridge: Any) -> None:
     assert b"stray print" in b.stderr and b"stray fd write" in b.stderr
 
 
-@pytest.mark.timeout(60)
 def test_run_bridge_in_process_with_in_memory_streams(daemon: Any) -> None:
     from effectd.bridge import run_bridge
 
@@ -362,7 +361,6 @@ def test_run_bridge_in_process_with_in_memory_streams(daemon: Any) -> None:
     assert next(m for m in out if m.get("id") == 1)["effects"][0]["state"] == "succeeded"
 
 
-@pytest.mark.timeout(60)
 def test_over_long_line_is_refused_and_skipped() -> None:
     from effectd.bridge import read_lines
 
@@ -373,7 +371,6 @@ def test_over_long_line_is_refused_and_skipped() -> None:
     assert asyncio.run(collect()) == [b"short", None, b"after", b"last"]
 
 
-@pytest.mark.timeout(60)
 def test_stdin_from_dev_null_or_a_file_ends_cleanly(daemon: Any, tmp_path: Any) -> None:
     # /dev/null is a character device epoll refuses; a regular file neither: both are read in a
     # thread, and EOF ends the bridge with 0.
@@ -389,7 +386,6 @@ def test_stdin_from_dev_null_or_a_file_ends_cleanly(daemon: Any, tmp_path: Any) 
     assert replies[1]["ok"] is True and replies[2]["ok"] is True
 
 
-@pytest.mark.timeout(60)
 def test_closed_stdout_stops_the_bridge_with_status_1(daemon: Any) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "effectd.bridge", "--no-autostart"], env=daemon.env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -410,7 +406,6 @@ def test_closed_stdout_stops_the_bridge_with_status_1(daemon: Any) -> None:
     assert b"stdout is closed" in stderr
 
 
-@pytest.mark.timeout(60)
 def test_click_command_in_process(daemon: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 

@@ -71,7 +71,7 @@ def _end(c: Client, eid: str, how: str) -> float:
     return time.monotonic() - t0
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["cancel", "timeout"])
 def test_escaped_pipe_holder_is_killed_and_effect_ends_within_grace(d: DaemonHandle, how: str) -> None:
     c = d.client()
@@ -96,7 +96,7 @@ def test_escaped_pipe_holder_is_killed_and_effect_ends_within_grace(d: DaemonHan
         wait_until(lambda: not _escapees(token), timeout=2, what="the escapee to be killed")
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
                     reason="needs root and setpriv to run the escapee as another user")
 def test_unkillable_pipe_holder_is_reported_as_leaked(d: DaemonHandle) -> None:
@@ -113,7 +113,7 @@ def test_unkillable_pipe_holder_is_reported_as_leaked(d: DaemonHandle) -> None:
         assert _escapees(token), "another user's process is not ours to kill"
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 def test_cancel_honours_the_kill_grace(daemon_factory: Any) -> None:
     """SIGTERM first, SIGKILL only after --kill-grace: a program that needs 0.5 s to wind down
     gets it (the worker used to compare wall-clock time with the monotonic kill deadline)."""

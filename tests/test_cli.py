@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from effectd.client import Client, EffectState
-from tests.conftest import DaemonHandle, cleanup_daemon, make_daemon, wait_until
+from tests.conftest import DaemonHandle, wait_until
 
 ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 UNKNOWN_ID = "0" * 26
@@ -30,14 +30,8 @@ CTL = [sys.executable, "-m", "effectd.cli"]
 
 
 @pytest.fixture(scope="module")
-def d() -> Iterator[DaemonHandle]:
-    handle = make_daemon(["--kill-grace", "1"])
-    try:
-        handle.start()
-        yield handle
-    finally:
-        leaks = cleanup_daemon(handle)
-        assert not leaks, f"processes survived the daemon: {leaks}"
+def d(shared_daemon: DaemonHandle) -> DaemonHandle:
+    return shared_daemon
 
 
 @pytest.fixture
@@ -80,7 +74,6 @@ def running(tmp_path: Path, c: Client, d: DaemonHandle, name: str = "started") -
 # ---- run ------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(30)
 def test_run_streams_out_and_err_and_exits_with_the_effects_code(d: DaemonHandle) -> None:
     p = ctl(d, "run", "--", "sh", "-c", "echo out; echo err >&2; exit 3")
     assert p.returncode == 3, p.stderr
@@ -88,7 +81,6 @@ def test_run_streams_out_and_err_and_exits_with_the_effects_code(d: DaemonHandle
     assert p.stderr == b"err\n"
 
 
-@pytest.mark.timeout(30)
 def test_run_success_and_json(d: DaemonHandle) -> None:
     p = ctl(d, "run", "--json", "--name", "greeting", "--", "printf", "%s", "hi")
     assert p.returncode == 0, p.stderr
@@ -98,7 +90,6 @@ def test_run_success_and_json(d: DaemonHandle) -> None:
     assert record["name"] == "greeting" and ULID.match(record["id"])
 
 
-@pytest.mark.timeout(30)
 @pytest.mark.parametrize(("args", "code"), [
     (["--", "sh", "-c", "kill -TERM $$"], 128 + 15),
     (["--timeout", "0.3", "--", "sleep", "30"], 124),
@@ -110,7 +101,6 @@ def test_run_exit_codes(d: DaemonHandle, args: list[str], code: int) -> None:
     assert p.returncode == code, (p.stdout, p.stderr)
 
 
-@pytest.mark.timeout(30)
 def test_run_detach(d: DaemonHandle, c: Client) -> None:
     p = ctl(d, "run", "--detach", "--", "sh", "-c", "echo detached")
     eid = an_id(p)
@@ -133,7 +123,6 @@ def blocked_writing(pid: int) -> bool:
         return False
 
 
-@pytest.mark.timeout(30)
 def test_ctrl_c_on_run_cancels_the_effect(d: DaemonHandle, c: Client) -> None:
     """SIGINT while effectctl streams: it cancels the effect and exits 130.
 
@@ -169,7 +158,7 @@ def test_ctrl_c_on_run_cancels_the_effect(d: DaemonHandle, c: Client) -> None:
 # ---- submit, status, list, wait -------------------------------------------------------------
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 def test_submit_status_list_json(d: DaemonHandle, c: Client, tmp_path: Path) -> None:
     eid = running(tmp_path, c, d)
     p = ctl(d, "status", eid)
@@ -197,7 +186,6 @@ def test_submit_status_list_json(d: DaemonHandle, c: Client, tmp_path: Path) -> 
     assert c.wait(eid, timeout=15).state is EffectState.CANCELLED
 
 
-@pytest.mark.timeout(30)
 def test_submit_sleep_and_wait(d: DaemonHandle) -> None:
     eid = an_id(ctl(d, "submit", "--sleep", "0.2"))
     p = ctl(d, "wait", eid)
@@ -207,7 +195,7 @@ def test_submit_sleep_and_wait(d: DaemonHandle) -> None:
     assert json.loads(p.stdout)[0]["state"] == "succeeded"
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 def test_wait_any_timeout_and_failure(d: DaemonHandle, c: Client, tmp_path: Path) -> None:
     slow = running(tmp_path, c, d)
     quick = an_id(ctl(d, "submit", "--", "true"))
@@ -230,7 +218,7 @@ def test_wait_any_timeout_and_failure(d: DaemonHandle, c: Client, tmp_path: Path
 # ---- logs -----------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 def test_logs(d: DaemonHandle, c: Client) -> None:
     eid = an_id(ctl(d, "submit", "--", "sh", "-c", "echo o1; echo e1 >&2; printf 'o2\\377'"))
     c.wait(eid, timeout=15)
@@ -243,7 +231,6 @@ def test_logs(d: DaemonHandle, c: Client) -> None:
     assert ctl(d, "logs", "--from-offset", "3", "--stdout", eid).stdout == b"o2\xff"
 
 
-@pytest.mark.timeout(30)
 def test_logs_follow(d: DaemonHandle, c: Client, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     eid = an_id(ctl(d, "submit", "--timeout", "25", "--", "sh", "-c",
@@ -266,7 +253,7 @@ def test_logs_follow(d: DaemonHandle, c: Client, tmp_path: Path) -> None:
 # ---- result, cancel -------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 def test_result_json_of_python_effect(d: DaemonHandle, c: Client) -> None:
     eid = an_id(ctl(d, "submit", "--python", "effectd_test_effects:echo", "--args", '[2, "x"]',
                     "--kwargs", '{"k": [1]}'))
@@ -287,7 +274,7 @@ def test_result_json_of_python_effect(d: DaemonHandle, c: Client) -> None:
     assert json.loads(ctl(d, "result", "--json", bad).stdout)["error"]["message"] == "no"
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 def test_cancel(d: DaemonHandle, c: Client, tmp_path: Path) -> None:
     eid = running(tmp_path, c, d)
     p = ctl(d, "cancel", eid)
@@ -303,7 +290,6 @@ def test_cancel(d: DaemonHandle, c: Client, tmp_path: Path) -> None:
 # ---- error exit codes -----------------------------------------------------------------------
 
 
-@pytest.mark.timeout(30)
 @pytest.mark.parametrize("args", [["status", UNKNOWN_ID], ["result", UNKNOWN_ID], ["logs", UNKNOWN_ID],
                                   ["cancel", UNKNOWN_ID], ["wait", UNKNOWN_ID],
                                   ["logs", "--follow", UNKNOWN_ID]])
@@ -313,7 +299,6 @@ def test_unknown_id_exits_4(d: DaemonHandle, args: list[str]) -> None:
     assert UNKNOWN_ID in p.stderr.decode()
 
 
-@pytest.mark.timeout(30)
 def test_result_of_running_exits_5(d: DaemonHandle, c: Client, tmp_path: Path) -> None:
     eid = running(tmp_path, c, d)
     p = ctl(d, "result", eid)
@@ -323,7 +308,6 @@ def test_result_of_running_exits_5(d: DaemonHandle, c: Client, tmp_path: Path) -
     c.wait(eid, timeout=15)
 
 
-@pytest.mark.timeout(30)
 @pytest.mark.parametrize("args", [["run"], ["status"], ["submit"], ["list", "--limit", "many"],
                                   ["wait", "--timeout", "soon", UNKNOWN_ID], ["frobnicate"]])
 def test_usage_errors_exit_2(d: DaemonHandle, args: list[str]) -> None:
@@ -332,7 +316,6 @@ def test_usage_errors_exit_2(d: DaemonHandle, args: list[str]) -> None:
     assert p.stderr
 
 
-@pytest.mark.timeout(30)
 @pytest.mark.parametrize("cmd", ["run", "submit"])
 def test_misspelled_option_is_a_usage_error(d: DaemonHandle, c: Client, cmd: str) -> None:
     before = len(c.list(limit=10_000))
@@ -344,7 +327,7 @@ def test_misspelled_option_is_a_usage_error(d: DaemonHandle, c: Client, cmd: str
 # ---- daemon status / stop -------------------------------------------------------------------
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_daemon_status_and_stop(daemon: DaemonHandle) -> None:
     p = ctl(daemon, "daemon", "status")
     assert p.returncode == 0, p.stderr
@@ -367,7 +350,7 @@ def test_daemon_status_and_stop(daemon: DaemonHandle) -> None:
     assert p.returncode == 0 and "not running" in out(p)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_daemon_stop_now_ends_running_effects(daemon: DaemonHandle, tmp_path: Path) -> None:
     c = daemon.client()
     eid = running(tmp_path, c, daemon)

@@ -29,6 +29,7 @@ from tests.conftest import wait_until
 TRUE = {"kind": "shell", "command": "true"}
 
 
+@pytest.mark.slow
 def test_resubmit_with_key_after_gc_is_refused_not_rerun(daemon: Any) -> None:
     c = daemon.client()
     first = c.submit(TRUE, request_key="key-after-gc")
@@ -47,6 +48,7 @@ def test_resubmit_with_key_after_gc_is_refused_not_rerun(daemon: Any) -> None:
     assert c.list(limit=10) == []  # no second run
 
 
+@pytest.mark.slow
 def test_record_spec_has_no_request_key_and_resubmits_verbatim(daemon: Any) -> None:
     c = daemon.client()
     eid = c.submit({"kind": "shell", "command": "echo hi"}, request_key="spec-key")
@@ -108,7 +110,6 @@ GAP = 3.0
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(60)
 def test_effect_finished_while_daemon_down_keeps_its_own_times(daemon_factory: Any) -> None:
     d = daemon_factory("--adopt-grace", "20")
     c = d.client()
@@ -149,6 +150,7 @@ def _replace_journal(state: Path) -> None:
     os.rename(copy, path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [_delete_journal, _replace_journal], ids=["deleted", "replaced"])
 def test_lost_journal_stops_acknowledgements_and_exits_nonzero(daemon_factory: Any, damage: Any) -> None:
     d = daemon_factory()

@@ -120,7 +120,6 @@ def _assert_works_again(d: DaemonHandle, c: Client, worker: psutil.Process) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(90)
 def test_full_state_dir_strands_nothing(tmpfs_daemon: Any) -> None:
     """Effects are concluded while the disk is still full (the journal's reserve is for that)."""
     d = tmpfs_daemon(TMPFS_SIZE)
@@ -133,7 +132,6 @@ def test_full_state_dir_strands_nothing(tmpfs_daemon: Any) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(90)
 def test_conclusions_refused_by_a_full_journal_land_once_space_returns(tmpfs_daemon: Any) -> None:
     """On a 2 MiB filesystem the reserve (1/16 of it) may not hold every conclusion: those the
     journal refuses are not lost - the daemon restores the effects as the journal has them and

@@ -20,21 +20,15 @@ import psutil
 import pytest
 
 from effectd.client import Client, EffectState, InvalidState, NotFound, shell_spec
-from tests.conftest import DaemonHandle, cleanup_daemon, make_daemon, wait_until
+from tests.conftest import DaemonHandle, wait_until
 
 UNKNOWN_ID = "0" * 26  # a well-formed ULID no daemon ever generates (timestamp 0)
 SEQ_200K = b"".join(b"%d\n" % i for i in range(1, 200_001))
 
 
 @pytest.fixture(scope="module")
-def shared() -> Iterator[DaemonHandle]:
-    d = make_daemon(["--kill-grace", "1"])
-    try:
-        d.start()
-        yield d
-    finally:
-        leaks = cleanup_daemon(d)
-        assert not leaks, f"processes survived the daemon: {leaks}"
+def shared(shared_daemon: DaemonHandle) -> DaemonHandle:
+    return shared_daemon
 
 
 @pytest.fixture
@@ -63,7 +57,6 @@ def stdout_of(client: Client, eid: str) -> bytes:
 # ---- each kind: submit -> status -> wait -> result -------------------------------------------
 
 
-@pytest.mark.timeout(20)
 def test_shell_argv_lifecycle(c: Client) -> None:
     eid = c.submit_shell(["printf", "%s|%s", "a b", "c"])
     rec = c.status(eid)
@@ -80,7 +73,6 @@ def test_shell_argv_lifecycle(c: Client) -> None:
     assert c.output(eid, "stderr") == b""
 
 
-@pytest.mark.timeout(20)
 def test_shell_command_string_runs_through_sh(c: Client) -> None:
     eid = c.submit_shell("x=2; echo $((x + 1)) | tr 3 Z")
     assert c.status(eid).spec["command"] == "x=2; echo $((x + 1)) | tr 3 Z"
@@ -90,7 +82,6 @@ def test_shell_command_string_runs_through_sh(c: Client) -> None:
     assert stdout_of(c, eid) == b"Z\n"
 
 
-@pytest.mark.timeout(20)
 def test_python_lifecycle_return_value(c: Client) -> None:
     eid = c.submit_python("effectd_test_effects:echo", [1, "two", [3]], {"k": {"n": None}})
     assert c.status(eid).kind == "python"
@@ -102,7 +93,6 @@ def test_python_lifecycle_return_value(c: Client) -> None:
     assert rec.error is None
 
 
-@pytest.mark.timeout(20)
 def test_sleep_lifecycle(c: Client) -> None:
     eid = c.submit_sleep(0.1)
     assert c.status(eid).kind == "sleep"
@@ -116,7 +106,6 @@ def test_sleep_lifecycle(c: Client) -> None:
 # ---- output: separated and byte-exact ---------------------------------------------------------
 
 
-@pytest.mark.timeout(20)
 def test_stdout_stderr_separated(c: Client) -> None:
     eid = c.submit_shell("echo o1; echo e1 >&2; echo o2; echo e2 >&2; printf tail")
     assert c.wait(eid, timeout=10).state is EffectState.SUCCEEDED
@@ -126,7 +115,6 @@ def test_stdout_stderr_separated(c: Client) -> None:
     assert rec.sizes["stdout"] == len(b"o1\no2\ntail") and rec.sizes["stderr"] == len(b"e1\ne2\n")
 
 
-@pytest.mark.timeout(20)
 def test_binary_and_non_utf8_output_exact(c: Client) -> None:
     # dash's printf has no \x escapes: octal \377 \000 \376 are the bytes ff 00 fe.
     eid = c.submit_shell(r"printf '\377\000\376'; printf '\200\300\000' >&2")
@@ -137,7 +125,6 @@ def test_binary_and_non_utf8_output_exact(c: Client) -> None:
     assert streamed == b"\xff\x00\xfe"
 
 
-@pytest.mark.timeout(30)
 def test_random_bytes_match_file_written_by_tee(c: Client, tmp_path: Path) -> None:
     copy = tmp_path / "copy.bin"
     eid = c.submit_shell(f"head -c 100000 /dev/urandom | tee {copy}")
@@ -152,7 +139,6 @@ def test_random_bytes_match_file_written_by_tee(c: Client, tmp_path: Path) -> No
 # ---- python outcomes --------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(20)
 def test_python_exception_is_failed_with_error(c: Client) -> None:
     eid = c.submit_python("effectd_test_effects:boom", ["kaput"])
     rec = c.wait(eid, timeout=10)
@@ -166,7 +152,6 @@ def test_python_exception_is_failed_with_error(c: Client) -> None:
     assert c.result(eid).error == rec.error
 
 
-@pytest.mark.timeout(20)
 def test_python_unserializable_return_fails_clearly(c: Client) -> None:
     eid = c.submit_python("effectd_test_effects:unserializable")
     rec = c.wait(eid, timeout=10)
@@ -176,7 +161,6 @@ def test_python_unserializable_return_fails_clearly(c: Client) -> None:
     assert "object" in rec.error.message
 
 
-@pytest.mark.timeout(20)
 def test_python_generator_streams_values_in_order(c: Client) -> None:
     eid = c.submit_python("effectd_test_effects:count", [50], {"delay": 0.005})
     values = list(c.values(eid))  # live: joins while the generator is still yielding
@@ -186,7 +170,7 @@ def test_python_generator_streams_values_in_order(c: Client) -> None:
     assert list(c.values(eid)) == list(range(50))  # replay after the fact: identical
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 def test_python_printed_output_captured(client: Client) -> None:
     c = client  # own daemon: the runs share one worker and nothing else uses it
     # Ten runs in one worker: on the buggy daemon nearly every run after the first loses it.
@@ -198,7 +182,6 @@ def test_python_printed_output_captured(client: Client) -> None:
         assert c.output(eid, "stderr") == f"err:héllo {i}\n".encode(), f"run {i}"
 
 
-@pytest.mark.timeout(20)
 def test_python_progress_reported(c: Client) -> None:
     eid = c.submit_python("effectd_test_effects:with_progress", [4])
     rec = c.wait(eid, timeout=10)
@@ -208,7 +191,6 @@ def test_python_progress_reported(c: Client) -> None:
 # ---- exit codes and signals -------------------------------------------------------------------
 
 
-@pytest.mark.timeout(20)
 def test_exit_codes_and_signals_reported(c: Client) -> None:
     ok, failed = EffectState.SUCCEEDED, EffectState.FAILED
     cases = {"exit 0": (ok, 0, None), "exit 3": (failed, 3, None), "exit 255": (failed, 255, None),
@@ -224,7 +206,7 @@ def test_exit_codes_and_signals_reported(c: Client) -> None:
             assert rec.reason and str(rec.exit_code) in rec.reason, rec.reason
 
 
-@pytest.mark.timeout(20)
+@pytest.mark.slow
 def test_sequential_shell_effects_keep_their_output(client: Client) -> None:
     """Regression: pipes were closed twice, the second time after the fd number was reused
     by the next shell effect of the same worker (lost output or SIGPIPE)."""
@@ -239,7 +221,6 @@ def test_sequential_shell_effects_keep_their_output(client: Client) -> None:
 # ---- timeouts ---------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(20)
 def test_shell_timeout_kills_and_reports_timed_out(c: Client) -> None:
     eid = c.submit_shell("sleep 30", timeout=0.5)
     rec = c.wait(eid, timeout=15)
@@ -249,7 +230,7 @@ def test_shell_timeout_kills_and_reports_timed_out(c: Client) -> None:
     assert rec.finished_at is not None and rec.started_at is not None
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 def test_python_timeout_replaces_worker(c: Client) -> None:
     eid = c.submit_python("effectd_test_effects:block_forever", timeout=0.5)
     rec = c.wait(eid, timeout=15)
@@ -263,7 +244,7 @@ def test_python_timeout_replaces_worker(c: Client) -> None:
     assert rec2.pid != old_worker
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 def test_python_effect_never_shares_a_poisoned_worker(daemon_factory: Any) -> None:
     d = daemon_factory("--parallel", "1", "--kill-grace", "1")
     c = d.client()
@@ -275,7 +256,6 @@ def test_python_effect_never_shares_a_poisoned_worker(daemon_factory: Any) -> No
     assert r_next.result != r_stuck.pid, "ran in the worker whose timed-out thread still runs"
 
 
-@pytest.mark.timeout(20)
 def test_sleep_timeout(c: Client) -> None:
     rec = c.wait(c.submit_sleep(30, timeout=0.2), timeout=10)
     assert rec.state is EffectState.TIMED_OUT
@@ -284,7 +264,7 @@ def test_sleep_timeout(c: Client) -> None:
 # ---- cancel -----------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 def test_cancel_queued_effect(daemon_factory: Any, tmp_path: Path) -> None:
     d = daemon_factory("--parallel", "1", "--kill-grace", "1")
     c = d.client()
@@ -304,7 +284,6 @@ def test_cancel_queued_effect(daemon_factory: Any, tmp_path: Path) -> None:
     assert c.output(queued, "stdout") == b""
 
 
-@pytest.mark.timeout(30)
 def test_cancel_running_effect_kills_its_tree(c: Client, tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
     eid = c.submit_shell(f"sleep 30 & echo $! > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; wait")
@@ -334,7 +313,7 @@ def assert_all_overlap(records: list[Any]) -> None:
             assert a.started_at < b.finished_at, f"{a.id} started after {b.id} finished"
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 def test_eight_sleeps_overlap(c: Client) -> None:
     ids = [c.submit_shell("sleep 1") for _ in range(8)]
     done = list(c.as_completed(ids, timeout=20))
@@ -343,7 +322,7 @@ def test_eight_sleeps_overlap(c: Client) -> None:
     assert_all_overlap(done)
 
 
-@pytest.mark.timeout(40)
+@pytest.mark.slow
 def test_thirty_sleeps_overlap_with_parallel_30(daemon_factory: Any, tmp_path: Path) -> None:
     d = daemon_factory("--parallel", "30", "--kill-grace", "1")
     c = d.client()
@@ -362,7 +341,6 @@ def test_thirty_sleeps_overlap_with_parallel_30(daemon_factory: Any, tmp_path: P
 # ---- cwd and env ------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(20)
 def test_cwd(c: Client, tmp_path: Path) -> None:
     eid = c.submit_shell(["pwd", "-P"], cwd=tmp_path)
     assert c.wait(eid, timeout=10).state is EffectState.SUCCEEDED
@@ -371,7 +349,6 @@ def test_cwd(c: Client, tmp_path: Path) -> None:
     assert c.wait(py, timeout=10).result == os.path.realpath(tmp_path)
 
 
-@pytest.mark.timeout(20)
 def test_default_env_is_the_submitters(c: Client, monkeypatch: pytest.MonkeyPatch) -> None:
     token = uuid.uuid4().hex
     monkeypatch.setenv("EFFECTD_TEST_SUBMITTER", token)  # set after the daemon started
@@ -380,7 +357,6 @@ def test_default_env_is_the_submitters(c: Client, monkeypatch: pytest.MonkeyPatc
     assert stdout_of(c, eid) == token.encode()
 
 
-@pytest.mark.timeout(20)
 def test_env_override(c: Client, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EFFECTD_TEST_VAR", "submitter")
     eid = c.submit_shell('printf "%s %s" "$EFFECTD_TEST_VAR" "$EXTRA"',
@@ -389,7 +365,6 @@ def test_env_override(c: Client, monkeypatch: pytest.MonkeyPatch) -> None:
     assert stdout_of(c, eid) == b"override x y"
 
 
-@pytest.mark.timeout(20)
 def test_env_without_inheritance_is_exact(c: Client) -> None:
     eid = c.submit_shell(["/usr/bin/env"], env={"ONLY": "1"}, inherit_env=False)
     assert c.wait(eid, timeout=10).state is EffectState.SUCCEEDED
@@ -402,7 +377,6 @@ def test_env_without_inheritance_is_exact(c: Client) -> None:
 # ---- spawn failure ----------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(20)
 def test_nonexistent_program_fails_to_spawn(c: Client) -> None:
     rec = c.wait(c.submit_shell(["/nonexistent/effectd-no-such-program", "x"]), timeout=10)
     assert rec.state is EffectState.FAILED
@@ -412,7 +386,6 @@ def test_nonexistent_program_fails_to_spawn(c: Client) -> None:
     assert rec.exit_code is None
 
 
-@pytest.mark.timeout(20)
 def test_bad_cwd_fails_to_spawn(c: Client, tmp_path: Path) -> None:
     missing = tmp_path / "does-not-exist"
     rec = c.wait(c.submit_shell("true", cwd=missing), timeout=10)
@@ -425,7 +398,6 @@ def test_bad_cwd_fails_to_spawn(c: Client, tmp_path: Path) -> None:
 # ---- list, status, result ---------------------------------------------------------------------
 
 
-@pytest.mark.timeout(30)
 def test_list_filters(c: Client) -> None:
     tag = uuid.uuid4().hex
     a = c.submit_shell("true", name=f"n-{tag}", labels={"t": tag, "k": "a"})
@@ -454,7 +426,6 @@ def test_list_filters(c: Client) -> None:
     assert listed.labels == {"t": tag, "k": "b"} and listed.exit_code == 1
 
 
-@pytest.mark.timeout(20)
 def test_status_of_unknown_id_is_not_found(c: Client) -> None:
     with pytest.raises(NotFound) as exc:
         c.status(UNKNOWN_ID)
@@ -472,7 +443,6 @@ def test_status_of_unknown_id_is_not_found(c: Client) -> None:
         c.read_output(UNKNOWN_ID)
 
 
-@pytest.mark.timeout(20)
 def test_result_of_running_effect_is_invalid_state(c: Client, tmp_path: Path) -> None:
     started = tmp_path / "started"
     eid = c.submit_shell(f"touch {started}; exec sleep 30")
@@ -496,7 +466,6 @@ def collect(client: Client, eid: str, **kw: Any) -> dict[str, bytes]:
     return {k: bytes(v) for k, v in out.items()}
 
 
-@pytest.mark.timeout(30)
 def test_stream_after_finish_is_exact(c: Client) -> None:
     eid = c.submit_shell("seq 1 200000")
     assert c.wait(eid, timeout=20).state is EffectState.SUCCEEDED
@@ -513,7 +482,6 @@ def gated_seq(gate: Path) -> str:
             f"while [ ! -e {gate} ]; do sleep 0.01; done; seq 100001 200000; echo end >&2")
 
 
-@pytest.mark.timeout(30)
 def test_stream_late_join_while_running_is_exact(c: Client, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     eid = c.submit_shell(gated_seq(gate), timeout=25)
@@ -535,7 +503,6 @@ def test_stream_late_join_while_running_is_exact(c: Client, tmp_path: Path) -> N
     assert c.status(eid).state is EffectState.SUCCEEDED
 
 
-@pytest.mark.timeout(30)
 def test_two_simultaneous_followers_agree(shared: DaemonHandle, c: Client, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     eid = c.submit_shell(gated_seq(gate), timeout=25)

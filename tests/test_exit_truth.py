@@ -63,7 +63,7 @@ def test_exit_status_never_misreported_beside_leftover_kills(daemon_factory: Any
     assert not bad, f"{len(bad)}/{ROUNDS * PER_ROUND} exit-3 effects misreported: {bad[:5]}"
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 def test_python_effect_collects_its_own_subprocess_status(daemon: DaemonHandle) -> None:
     c = daemon.client()
     ids = [c.submit(python_spec("exit_truth_effects:child_exit_status", [3])) for _ in range(3)]
@@ -83,7 +83,6 @@ def _tick_until_done(run: ShellRun, timeout: float = 10.0) -> dict[str, Any]:
     return run.report
 
 
-@pytest.mark.timeout(20)
 def test_unknowable_exit_status_is_lost_never_success(tmp_path: Path) -> None:
     """If the main pid was reaped behind the run's back (ECHILD), the run ends ``lost`` with
     reason ``exit_status_unknown`` - and the daemon's schema accepts that report."""
@@ -98,7 +97,6 @@ def test_unknowable_exit_status_is_lost_never_success(tmp_path: Path) -> None:
     assert check_finish(report)["state"] == "lost"
 
 
-@pytest.mark.timeout(20)
 def test_collect_exit_status_reaps_only_its_pid(tmp_path: Path) -> None:
     a = subprocess.Popen(["sh", "-c", "exit 3"])
     b = subprocess.Popen(["sh", "-c", "kill -9 $$"])
@@ -117,7 +115,6 @@ def test_collect_exit_status_reaps_only_its_pid(tmp_path: Path) -> None:
         a.returncode = b.returncode = -1  # collected above: Popen must not wait on the pids again
 
 
-@pytest.mark.timeout(20)
 def test_kills_never_reap_someone_elses_child() -> None:
     """The daemon kills a dead worker's effects with the same TreeKill while its own worker
     children may have exited unpolled: a kill must leave every exit status to its owner."""

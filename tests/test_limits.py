@@ -10,9 +10,15 @@ import pytest
 import zmq
 
 from effectd.client import EffectState
+from tests.conftest import DaemonHandle
 
 
-@pytest.mark.timeout(60)
+@pytest.fixture
+def daemon(shared_daemon: DaemonHandle) -> DaemonHandle:
+    """These tests need only *a* daemon (each checks it still serves afterwards): they share one."""
+    return shared_daemon
+
+
 @pytest.mark.parametrize("target,args", [("effectd_test_effects:huge_string", [9]),
                                          ("effectd_test_effects:int_keys", [])])
 def test_python_result_the_daemon_cannot_accept_fails_cleanly(client: Any, target: str, args: list[Any]) -> None:
@@ -23,7 +29,6 @@ def test_python_result_the_daemon_cannot_accept_fails_cleanly(client: Any, targe
     assert client.wait(client.submit_python("effectd_test_effects:add", [1, 1]), timeout=30).result == 2
 
 
-@pytest.mark.timeout(60)
 def test_request_over_the_limit_gets_too_large(daemon: Any) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.REQ)
@@ -41,7 +46,6 @@ def test_request_over_the_limit_gets_too_large(daemon: Any) -> None:
     assert daemon.client().hello()["pid"] == daemon.pid
 
 
-@pytest.mark.timeout(60)
 def test_python_effect_cwd_does_not_leak_into_the_worker(client: Any, tmp_path: Any) -> None:
     first = client.wait(client.submit_python("effectd_test_effects:cwd", cwd=str(tmp_path)))
     assert first.result == str(tmp_path)

@@ -80,7 +80,6 @@ def _unanswered_while_stopped(d: Any, seconds: float) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(90)
 def test_stopped_daemon_keeps_every_effect_and_worker(daemon_factory: Any) -> None:
     # Heartbeat 0.5 s: liveness is 1.5 s, so a 4 s stop is > 2.5 x liveness (like 10 s at the default).
     d = daemon_factory("--heartbeat", "0.5", "--kill-grace", "1", "--min-workers", "2")
@@ -144,7 +143,7 @@ def test_big_submit_many_does_not_stall_the_loop(daemon_factory: Any) -> None:
     assert "lost" not in d.log()
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_briefly_stopped_worker_loses_nothing(daemon_factory: Any) -> None:
     d = daemon_factory("--heartbeat", "1", "--kill-grace", "1")
     c = d.client()
@@ -164,7 +163,7 @@ def test_briefly_stopped_worker_loses_nothing(daemon_factory: Any) -> None:
     assert "lost" not in d.log() and "daemon silent" not in d.log()
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_worker_stopped_beyond_liveness_is_lost(daemon_factory: Any) -> None:
     d = daemon_factory("--heartbeat", "0.3", "--kill-grace", "1")
     c = d.client()
@@ -196,7 +195,7 @@ def _journal_count(d: Any, table: str) -> int:
         con.close()
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_big_batch_is_all_or_nothing(daemon: Any) -> None:
     raw = RawReq(f"ipc://{daemon.runtime}/control.sock")
     try:
@@ -211,7 +210,7 @@ def test_big_batch_is_all_or_nothing(daemon: Any) -> None:
     assert _journal_count(daemon, "effects") == 0 and _journal_count(daemon, "labels") == 0
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_retry_of_a_batch_in_progress_gets_the_same_ids(daemon: Any) -> None:
     body = pack({"v": 1, "rid": 1, "op": "submit_many", "effects": _labelled_batch(5000), "request_key": "k1"})
     first, retry = (RawReq(f"ipc://{daemon.runtime}/control.sock") for _ in range(2))
@@ -234,7 +233,7 @@ def _recv(req: RawReq) -> dict[str, Any]:
     return reply
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_batch_interrupted_by_a_crash_leaves_no_trace(daemon: Any) -> None:
     body = pack({"v": 1, "rid": 1, "op": "submit_many", "effects": _labelled_batch(10_000), "request_key": "k2"})
     raw = RawReq(f"ipc://{daemon.runtime}/control.sock")

@@ -42,9 +42,6 @@ KIDS = HERE / "misbehaving" / "kids.py"
 WORKER = HERE / "misbehaving" / "worker.py"
 GRACE = 0.5
 
-pytestmark = pytest.mark.timeout(30)
-
-
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
@@ -487,6 +484,7 @@ def test_double_fork_daemon_is_adopted_and_killed(
     assert worker.zombies() == set()
 
 
+@pytest.mark.slow
 def test_escapee_found_by_marker_when_not_its_subreaper(
     worker: Worker, effects: Effects, tmp_path: Path
 ) -> None:
@@ -515,6 +513,7 @@ print(json.dumps([proctools.is_subreaper(), proctools.kill_tree({eid!r}, root, g
     assert worker.zombies() == set()
 
 
+@pytest.mark.slow
 def test_process_that_keeps_forking_while_killed(
     worker: Worker, effects: Effects, tmp_path: Path
 ) -> None:

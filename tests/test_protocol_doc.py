@@ -59,7 +59,7 @@ def park_waits(doc: DocClient, eid: str, count: int) -> list[zmq.Socket[bytes]]:
     raise AssertionError("the waits were not all parked within 20 s")
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_every_parked_wait_is_answered_by_a_drain_false_stop(daemon_factory: Any) -> None:
     d = daemon_factory("--kill-grace", "1", "--max-waits", str(PARKED_WAITS))
     doc = DocClient(d.runtime)
@@ -83,7 +83,7 @@ def test_every_parked_wait_is_answered_by_a_drain_false_stop(daemon_factory: Any
         doc.close()
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 def test_documented_retry_loop_ends_without_a_daemon_and_finds_a_new_one(daemon_factory: Any) -> None:
     d = daemon_factory("--kill-grace", "1", start=False)
     doc = DocClient(d.runtime, timeout=0.3, retries=1)
@@ -99,7 +99,7 @@ def test_documented_retry_loop_ends_without_a_daemon_and_finds_a_new_one(daemon_
         doc.close()
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 def test_follow_loop_handles_every_message_after_quiet_periods(daemon: Any, tmp_path: Path) -> None:
     """Progress events come one per 0.3 s, never advancing a stream: each arrives after a
     quiet period longer than the idle check, which must not throw the message away."""
@@ -117,7 +117,7 @@ def test_follow_loop_handles_every_message_after_quiet_periods(daemon: Any, tmp_
         doc.close()
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 def test_long_subscription_topic_is_refused_client_side(daemon: Any) -> None:
     too_long = "X" * (MAX_SUBSCRIPTION_TOPIC_BYTES + 1)
     c = daemon.client()
@@ -146,7 +146,7 @@ def test_long_subscription_topic_is_refused_client_side(daemon: Any) -> None:
         ctx.destroy(linger=0)
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 def test_sizes_after_retries_are_whole_files_of_streams_the_last_attempt_wrote(daemon: Any,
                                                                                tmp_path: Path) -> None:
     mark = tmp_path / "first-attempt-done"
@@ -167,7 +167,7 @@ def test_sizes_after_retries_are_whole_files_of_streams_the_last_attempt_wrote(d
         doc.close()
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_restart_is_visible_only_in_instance_and_subscriptions_come_back(daemon: Any) -> None:
     """§10.4: across a daemon restart, the same REQ socket just gets answers (no timeout, no
     error: only ``hello.instance`` tells), and a SUB socket gets a new ``subscribed`` event."""

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from effectd.client import Client
 from effectd.ipc.endpoints import Endpoints
-from tests.conftest import DaemonHandle, cleanup_daemon, make_daemon
+from tests.conftest import DaemonHandle
 
 MIB = 1024 * 1024
 REPLY_TIMEOUT_MS = 5000
@@ -138,20 +138,15 @@ def effect_count(d: DaemonHandle) -> int:
 
 
 @pytest.fixture(scope="module")
-def shared() -> Iterator[DaemonHandle]:
+def shared(shared_daemon: DaemonHandle) -> Iterator[DaemonHandle]:
     """One daemon takes all the abuse of this module; it must still be the same process at the
     end, answering hello, having journaled nothing it refused."""
-    d = make_daemon(["--kill-grace", "1"])
-    try:
-        d.start()
-        pid = d.pid
-        yield d
-        assert d.proc is not None and d.proc.poll() is None, f"daemon died:\n{d.log()}"
-        with Client(d.runtime, state=d.state, autostart=False, retries=0) as c:
-            assert c.hello()["pid"] == pid
-    finally:
-        leaks = cleanup_daemon(d)
-        assert not leaks, f"processes survived the daemon: {leaks}"
+    d = shared_daemon
+    pid = d.pid
+    yield d
+    assert d.proc is not None and d.proc.poll() is None, f"daemon died:\n{d.log()}"
+    with Client(d.runtime, state=d.state, autostart=False, retries=0) as c:
+        assert c.hello()["pid"] == pid
 
 
 @pytest.fixture
@@ -183,7 +178,6 @@ def dealer(endpoint: str) -> Iterator[RawDealer]:
 # ---- undecodable and non-map messages -------------------------------------------------------
 
 
-@pytest.mark.timeout(30)
 @pytest.mark.parametrize("data", [
     b"",                       # empty body
     b"\xc1",                   # the one byte msgpack never uses
@@ -202,7 +196,6 @@ def test_garbage_bytes_are_bad_request(rq: RawReq, data: bytes) -> None:
     assert_error(reply, "bad_request", rid=None)
 
 
-@pytest.mark.timeout(30)
 def test_truncated_msgpack_at_every_length(rq: RawReq) -> None:
     full = pack(req("status", rid="trunc", ids=[UNKNOWN_ID]))
     for cut in range(len(full)):
@@ -212,21 +205,18 @@ def test_truncated_msgpack_at_every_length(rq: RawReq) -> None:
     assert_error(rq.call(unpack(full)), "not_found", UNKNOWN_ID, rid="trunc")
 
 
-@pytest.mark.timeout(30)
 def test_trailing_bytes_refused(rq: RawReq) -> None:
     reply = rq.raw(pack(req("hello")) + b"\x00")
     assert reply is not None
     assert_error(reply, "bad_request", "trailing", rid=None)
 
 
-@pytest.mark.timeout(30)
 @pytest.mark.parametrize("value", [[1, 2], "hello", 7, None, True, 1.5, b"bytes", []],
                          ids=["array", "str", "int", "nil", "bool", "float", "bin", "empty-array"])
 def test_non_map_messages_are_bad_request(rq: RawReq, value: Any) -> None:
     assert_error(rq.call(value), "bad_request", "must be a map", rid=None)
 
 
-@pytest.mark.timeout(30)
 def test_non_string_map_keys(rq: RawReq) -> None:
     reply = rq.raw(b"\x81\x01\x02")  # {1: 2}
     assert reply is not None
@@ -238,50 +228,42 @@ def test_non_string_map_keys(rq: RawReq) -> None:
 # ---- the envelope ---------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(30)
 def test_map_without_op(rq: RawReq) -> None:
     assert_error(rq.call({"v": 1, "rid": "no-op"}), "bad_request", "op", "required", rid="no-op")
     assert_error(rq.call({"v": 1, "rid": "nil-op", "op": None}), "bad_request", "op", rid="nil-op")
 
 
-@pytest.mark.timeout(30)
 def test_map_without_version(rq: RawReq) -> None:
     assert_error(rq.call({"rid": 5, "op": "hello"}), "bad_request", "v", "required", rid=5)
 
 
-@pytest.mark.timeout(30)
 def test_empty_map(rq: RawReq) -> None:
     assert_error(rq.call({}), "bad_request", rid=None)
 
 
-@pytest.mark.timeout(30)
 @pytest.mark.parametrize("op", ["frobnicate", "", "HELLO", "hello ", "x" * 64, "__init__", "op_hello"])
 def test_unknown_op(rq: RawReq, op: str) -> None:
     message = assert_error(rq.call(req(op, rid="u")), "unknown_op", rid="u")
     assert "hello" in message  # the message lists the known ops
 
 
-@pytest.mark.timeout(30)
 def test_op_of_wrong_type_or_too_long(rq: RawReq) -> None:
     for op in (1, ["hello"], {"x": 1}, b"hello", True):
         assert_error(rq.call(req(op, rid="t")), "bad_request", "op", rid="t")  # type: ignore[arg-type]
     assert_error(rq.call(req("x" * 65, rid="t")), "bad_request", "op", rid="t")
 
 
-@pytest.mark.timeout(30)
 @pytest.mark.parametrize("v", [2, 0, 99, 2**31])
 def test_unsupported_version(rq: RawReq, v: int) -> None:
     message = assert_error(rq.call(req("hello", rid="ver", v=v)), "unsupported_version", rid="ver")
     assert message.endswith("1..1"), message
 
 
-@pytest.mark.timeout(30)
 @pytest.mark.parametrize("v", [-1, 2**31 + 1, 2**64 - 1, -(2**63), "1", 1.0, True, None, [1]])
 def test_bad_version_values(rq: RawReq, v: Any) -> None:
     assert_error(rq.call(req("hello", rid="bv", v=v)), "bad_request", "v", rid="bv")
 
 
-@pytest.mark.timeout(30)
 def test_rid_is_echoed_or_nil(rq: RawReq) -> None:
     for rid in ("abc", "", "x" * 128, 0, -1, 2**63 - 1, -(2**63) + 1):
         reply = rq.call(req("hello", rid=rid))
@@ -291,7 +273,6 @@ def test_rid_is_echoed_or_nil(rq: RawReq) -> None:
         assert_error(rq.call(req("hello", rid=bad)), "bad_request", "rid", rid=None)
 
 
-@pytest.mark.timeout(30)
 def test_unknown_top_level_field(rq: RawReq) -> None:
     assert_error(rq.call(req("hello", rid="f", extra=1)), "bad_request", "extra", "unknown field",
                  rid="f")
@@ -340,7 +321,6 @@ BAD_EFFECT_FIELDS: list[tuple[dict[str, Any], str, Any]] = [
 ]
 
 
-@pytest.mark.timeout(30)
 @pytest.mark.parametrize(("base", "name", "value"), BAD_EFFECT_FIELDS,
                          ids=[f"{b['kind']}-{n}-{str(v)[:20]}" for b, n, v in BAD_EFFECT_FIELDS])
 def test_submit_field_with_wrong_type_or_value(rq: RawReq, base: dict[str, Any], name: str,
@@ -351,7 +331,6 @@ def test_submit_field_with_wrong_type_or_value(rq: RawReq, base: dict[str, Any],
     assert_error(reply, "bad_request", f"effect.{name}", rid="s")
 
 
-@pytest.mark.timeout(30)
 def test_submit_envelope_fields_wrong(rq: RawReq) -> None:
     for effect in ([SLEEP], "sleep", 1, True):
         assert_error(rq.call(req("submit", rid="e", effect=effect)), "bad_request", "effect", rid="e")
@@ -365,7 +344,6 @@ def test_submit_envelope_fields_wrong(rq: RawReq) -> None:
     assert_error(reply, "bad_request", "effects[1].seconds", rid="e")  # atomic: neither journaled
 
 
-@pytest.mark.timeout(30)
 @pytest.mark.parametrize(("msg", "field"), [
     (req("submit", effect=_ABSENT), "effect"),
     (req("submit", effect=None), "effect"),
@@ -391,7 +369,6 @@ def test_missing_fields_named(rq: RawReq, msg: dict[str, Any], field: str) -> No
 # ---- other ops: huge integers, NaN, wrong types ---------------------------------------------
 
 
-@pytest.mark.timeout(30)
 @pytest.mark.parametrize(("msg", "field"), [
     (req("status", ids=[UNKNOWN_ID] * 10_001), "ids"),
     (req("status", ids=UNKNOWN_ID), "ids"),
@@ -428,7 +405,6 @@ def test_bad_values_for_other_ops(rq: RawReq, msg: dict[str, Any], field: str) -
     assert_error(rq.call(msg), "bad_request", field, rid="o")
 
 
-@pytest.mark.timeout(30)
 def test_valid_requests_about_unknown_ids(rq: RawReq) -> None:
     for op, fields in (("status", {"ids": [UNKNOWN_ID]}), ("result", {"id": UNKNOWN_ID}),
                        ("wait", {"ids": [UNKNOWN_ID], "timeout": 0}), ("cancel", {"ids": [UNKNOWN_ID]}),
@@ -441,7 +417,6 @@ def test_valid_requests_about_unknown_ids(rq: RawReq) -> None:
 # ---- nesting and ext types ------------------------------------------------------------------
 
 
-@pytest.mark.timeout(30)
 def test_deep_nesting_refused(rq: RawReq) -> None:
     for depth in (2_000, 100_000):
         reply = rq.raw(b"\x91" * depth + b"\xc0")  # [[[[...nil...]]]]
@@ -463,10 +438,9 @@ def nested_submit(depth: int) -> bytes:
     return head + pack("effect") + eff + pack("args") + b"\x91" * depth + b"\xc0"
 
 
-@pytest.mark.timeout(60)
-def test_deeply_nested_arguments_do_not_crash_the_daemon() -> None:
-    d = make_daemon(["--kill-grace", "1"])
-    d.start()
+@pytest.mark.slow
+def test_deeply_nested_arguments_do_not_crash_the_daemon(daemon: DaemonHandle) -> None:
+    d = daemon
     sock = RawReq(Endpoints.for_runtime(d.runtime).control)
     try:
         depth = None  # the deepest submit the daemon accepts (a fixed daemon may refuse all)
@@ -487,7 +461,6 @@ def test_deeply_nested_arguments_do_not_crash_the_daemon() -> None:
         if not _answers(d):  # a crashed daemon does not stop its workers
             for p in d.worker_processes():
                 p.kill()
-        cleanup_daemon(d)
 
 
 def _answers(d: DaemonHandle) -> bool:
@@ -499,7 +472,6 @@ def _answers(d: DaemonHandle) -> bool:
         return False
 
 
-@pytest.mark.timeout(30)
 def test_ext_types_refused(rq: RawReq) -> None:
     for ext in (msgpack.ExtType(5, b"x"), msgpack.ExtType(0, b"\x00" * 4), msgpack.ExtType(127, b"")):
         assert_error(rq.call(req("hello", rid="x", client=ext)), "bad_request", rid=None)
@@ -511,7 +483,6 @@ def test_ext_types_refused(rq: RawReq) -> None:
     assert_error(rq.call(req("submit", rid="x", effect=effect)), "bad_request", rid=None)
 
 
-@pytest.mark.timeout(30)
 def test_decoder_size_limits(rq: RawReq) -> None:
     assert_error(rq.call(req("hello", client="x" * (8 * MIB + 1))), "bad_request", rid=None)
     assert_error(rq.call(req("status", ids=[UNKNOWN_ID] * 100_001)), "bad_request", rid=None)
@@ -522,7 +493,6 @@ def test_decoder_size_limits(rq: RawReq) -> None:
 # ---- DEALER framing -------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(30)
 def test_dealer_framing(dealer: RawDealer) -> None:
     hello = pack(req("hello", rid="d1"))
     ok = dealer.call([b"", hello])  # what REQ does on the wire
@@ -539,7 +509,6 @@ def test_dealer_framing(dealer: RawDealer) -> None:
     assert_error(dealer.call([b"", b"", b"", b"", b""]), "bad_request", rid=None)
 
 
-@pytest.mark.timeout(30)
 def test_dealer_pipelined_garbage_then_hello(dealer: RawDealer) -> None:
     """200 bad messages back to back, then a hello: every one is answered, in order."""
     frames: list[list[bytes]] = []
@@ -555,7 +524,6 @@ def test_dealer_pipelined_garbage_then_hello(dealer: RawDealer) -> None:
     assert replies[-1]["rid"] == "after"  # type: ignore[index]
 
 
-@pytest.mark.timeout(60)
 def test_oversized_frames(endpoint: str, dealer: RawDealer) -> None:
     # Exactly at the 16 MiB limit: delivered, and refused by the decoder as garbage.
     dealer.send([b"", b"\xc1" * (16 * MIB)])
@@ -570,7 +538,7 @@ def test_oversized_frames(endpoint: str, dealer: RawDealer) -> None:
     assert dealer.call([b"", pack(req("hello", rid="d"))])["rid"] == "d"
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_huge_frame_drops_only_that_peer(endpoint: str) -> None:
     """Far over the limit (> 32 MiB, the socket's ZMQ_MAXMSGSIZE) libzmq disconnects the
     sender before buffering it; nobody else notices."""
@@ -636,7 +604,7 @@ def rss_before(shared: DaemonHandle, fuzz_sock: RawReq) -> int:
     return int(psutil.Process(shared.pid).memory_info().rss)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=messages)
@@ -651,7 +619,6 @@ def test_fuzz_every_message_gets_a_reply(fuzz_sock: RawReq, rss_before: int, dat
         assert err["code"] != "internal", reply  # hostile input is never an internal error
 
 
-@pytest.mark.timeout(30)
 def test_after_fuzz_daemon_answers_and_memory_is_bounded(shared: DaemonHandle, fuzz_sock: RawReq,
                                                          rss_before: int) -> None:
     hello = fuzz_sock.call(req("hello", rid="post-fuzz"))

@@ -32,7 +32,7 @@ def _restart(d: DaemonHandle) -> None:
     d.start()
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_daemon_kill9_running_effects_are_readopted_with_exact_output(daemon_factory: Any) -> None:
     d = daemon_factory("--adopt-grace", "15")
     c = d.client()
@@ -52,7 +52,7 @@ def test_daemon_kill9_running_effects_are_readopted_with_exact_output(daemon_fac
     assert old_workers & {p.pid for p in d.worker_processes()}
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_stream_stays_exact_across_a_daemon_crash(daemon_factory: Any) -> None:
     d = daemon_factory("--adopt-grace", "15")
     c = d.client()
@@ -64,6 +64,7 @@ def test_stream_stays_exact_across_a_daemon_crash(daemon_factory: Any) -> None:
     assert data == EXPECTED_50
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_kill9_of_daemon_and_workers_leaves_nothing_running(daemon_factory: Any, tmp_path: Any) -> None:
     d = daemon_factory("--adopt-grace", "1", "--kill-grace", "1")
@@ -92,6 +93,7 @@ def test_kill9_of_daemon_and_workers_leaves_nothing_running(daemon_factory: Any,
     assert c2.wait(retried, timeout=20).state is EffectState.CANCELLED
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_no_acknowledged_submit_is_lost_across_random_kill9(daemon_factory: Any) -> None:
     """Several threads submit while the daemon is killed at random moments (seeded, repeatable);
@@ -130,7 +132,7 @@ def test_no_acknowledged_submit_is_lost_across_random_kill9(daemon_factory: Any)
     assert all(r.state in (EffectState.SUCCEEDED, EffectState.LOST) for r in records)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_sigterm_drain_finishes_short_and_interrupts_long(daemon_factory: Any) -> None:
     d = daemon_factory("--drain-timeout", "2", "--kill-grace", "1")
     c = d.client()
@@ -153,7 +155,7 @@ def test_sigterm_drain_finishes_short_and_interrupts_long(daemon_factory: Any) -
     assert (r_long.state, r_long.reason) == (EffectState.LOST, "daemon_stopped")
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_draining_daemon_refuses_submits_with_unavailable(daemon_factory: Any) -> None:
     d = daemon_factory("--drain-timeout", "5", "--kill-grace", "1")
     c = d.client()
@@ -167,7 +169,7 @@ def test_draining_daemon_refuses_submits_with_unavailable(daemon_factory: Any) -
     assert "shutting down" in exc.value.message or isinstance(exc.value, DaemonUnavailable)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_retention_bounds_state_dir(daemon_factory: Any) -> None:
     d = daemon_factory()
     c = d.client()
@@ -183,7 +185,7 @@ def test_retention_bounds_state_dir(daemon_factory: Any) -> None:
     assert freed["kept"] == 1
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_full_disk_refuses_submits_without_acknowledging(daemon_factory: Any) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting a tiny tmpfs needs root")
@@ -212,7 +214,7 @@ def test_full_disk_refuses_submits_without_acknowledging(daemon_factory: Any) ->
         subprocess.run(["umount", "-l", str(d.state)], check=False)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_worker_without_daemon_kills_its_effects_after_orphan_timeout(daemon_factory: Any) -> None:
     d = daemon_factory("--orphan-timeout", "2", "--kill-grace", "1", "--heartbeat", "0.3")
     c = d.client()

@@ -84,7 +84,7 @@ def answering_pid(runtime: Path, state: Path) -> int | None:
     return None
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_second_runtime_dir_on_one_state_dir_exits_75_and_every_effect_ends_once(
         daemon_factory: Any, tmp_path: Path) -> None:
     first = daemon_factory("--kill-grace", "1")
@@ -122,7 +122,7 @@ def test_second_runtime_dir_on_one_state_dir_exits_75_and_every_effect_ends_once
     assert not problems, problems
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_removed_runtime_dir_is_restored_and_clients_find_the_live_daemon(daemon_factory: Any) -> None:
     d = daemon_factory("--kill-grace", "1", "--heartbeat", "0.5")
     c = d.client()
@@ -158,7 +158,7 @@ def test_removed_runtime_dir_is_restored_and_clients_find_the_live_daemon(daemon
     assert set(final_events(d.state).values()) == {1}
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 def test_removed_runtime_dir_does_not_make_a_client_start_a_second_daemon(daemon_factory: Any) -> None:
     """Without waiting for the restore: a client on the vanished runtime dir waits for the live
     daemon (found through the state dir) instead of autostarting another one."""
@@ -172,7 +172,7 @@ def test_removed_runtime_dir_does_not_make_a_client_start_a_second_daemon(daemon
     assert not extra, f"a second daemon was started on the same state dir: {extra}"
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_a_final_state_is_written_once_even_by_two_daemons_on_one_journal(daemon_factory: Any) -> None:
     """Force two daemons onto one journal, on two runtime dirs: the first one's lock file is
     replaced by one this test holds until the first daemon notices, then the second daemon

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from effectd.client import EffectState
 
 
-@pytest.mark.timeout(30)
 def test_each_kind_end_to_end(client: Any) -> None:
     sh = client.submit_shell("echo out; echo err >&2; exit 3")
     py = client.submit_python("effectd_test_effects:add", [2, 3])

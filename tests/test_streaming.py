@@ -18,7 +18,7 @@ from tests.conftest import wait_until
 SEQ_200K = b"".join(b"%d\n" % i for i in range(1, 200_001))
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_late_join_gets_every_line_once_and_followers_agree(client: Any) -> None:
     eid = client.submit_shell("seq 1 100000; sleep 0.3; seq 100001 200000")
     # Join after most of the output was written.
@@ -39,7 +39,7 @@ def test_late_join_gets_every_line_once_and_followers_agree(client: Any) -> None
     assert results["a"] == results["b"] == SEQ_200K
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.slow
 def test_forced_drops_are_filled_exactly(daemon_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # A tiny high-water mark everywhere on the stream path, and a consumer slower than the
     # producer: PUB must drop, and the follower must fill every gap from the store.
@@ -71,7 +71,7 @@ def test_forced_drops_are_filled_exactly(daemon_factory: Any, monkeypatch: pytes
     assert follower.gaps_filled + follower.duplicates > 0, "no drop happened: the test proved nothing"
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_fast_producer_with_stopped_subscriber_keeps_memory_bounded(daemon: Any) -> None:
     import zmq
 
@@ -102,7 +102,7 @@ def test_fast_producer_with_stopped_subscriber_keeps_memory_bounded(daemon: Any)
         ctx.term()
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_output_cap_keeps_head_and_tail_with_marker(client: Any) -> None:
     eid = client.submit_shell("seq 1 100000", max_output_bytes=8192)
     rec = client.wait(eid)
@@ -114,7 +114,7 @@ def test_output_cap_keeps_head_and_tail_with_marker(client: Any) -> None:
     assert rec.truncated["stdout"] == len(full) - 8192
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_generator_values_and_progress(client: Any) -> None:
     gid = client.submit_python("effectd_test_effects:count", [500])
     assert list(client.values(gid)) == list(range(500))
@@ -126,7 +126,7 @@ def test_generator_values_and_progress(client: Any) -> None:
     assert client.status(sid).progress["message"] == "no fraction"
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_as_completed_yields_in_finish_order_while_others_run(client: Any) -> None:
     ids = [client.submit_shell(f"sleep {s}") for s in (1.5, 0.8, 0.1)]
     seen = []
@@ -141,7 +141,7 @@ def test_as_completed_yields_in_finish_order_while_others_run(client: Any) -> No
     assert all(r.final for r in first)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_dependencies_run_after_success_and_cancel_on_failure(client: Any) -> None:
     ok = client.submit_shell("sleep 0.3; echo a")
     bad = client.submit_shell("exit 1")
@@ -159,7 +159,7 @@ def test_dependencies_run_after_success_and_cancel_on_failure(client: Any) -> No
         client.submit_shell("true", after=["01ARZ3NDEKTSV4RRFFQ69G5FAV"])
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_stdin_from_pipes_while_producer_runs(client: Any) -> None:
     producer = client.submit_shell("seq 1 50000; sleep 0.5; seq 50001 100000")
     consumer = client.submit_shell("wc -l", stdin_from=producer)
@@ -169,7 +169,7 @@ def test_stdin_from_pipes_while_producer_runs(client: Any) -> None:
     assert r_cons.started_at < r_prod.finished_at  # phase 2 began while phase 1 still ran
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_group_limit_holds_and_does_not_starve_others(daemon_factory: Any) -> None:
     d = daemon_factory("--parallel", "8")
     c = d.client()
@@ -189,7 +189,7 @@ def test_group_limit_holds_and_does_not_starve_others(daemon_factory: Any) -> No
     assert {g["name"]: g["parallel"] for g in d.client().groups()}["g"] == 2
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_priorities_order_the_queue(daemon_factory: Any) -> None:
     d = daemon_factory("--parallel", "1")
     c = d.client()

@@ -20,7 +20,7 @@ def _ready_worker_pids(c: Any) -> set[int]:
     return {w["pid"] for w in c.hello()["workers"] if w["state"] == "ready"}
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_worker_kill9_mid_effect_is_worker_lost_and_pool_restored(daemon: Any) -> None:
     c = daemon.client()
     eid = c.submit_shell("echo $$; sleep 100")
@@ -36,7 +36,7 @@ def test_worker_kill9_mid_effect_is_worker_lost_and_pool_restored(daemon: Any) -
     assert c.wait(c.submit_shell("true")).state is EffectState.SUCCEEDED
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_worker_lost_effect_is_retried_when_allowed(daemon: Any) -> None:
     c = daemon.client()
     eid = c.submit_shell("echo go; sleep 100", retries=1, retry_backoff=0.01)
@@ -50,7 +50,7 @@ def test_worker_lost_effect_is_retried_when_allowed(daemon: Any) -> None:
     assert c.wait(eid, timeout=20).state is EffectState.CANCELLED
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_python_os_exit_is_worker_lost_and_next_python_effect_runs(daemon: Any) -> None:
     c = daemon.client()
     rec = c.wait(c.submit_python("effectd_test_effects:exit_hard", [1]), timeout=30)
@@ -58,7 +58,7 @@ def test_python_os_exit_is_worker_lost_and_next_python_effect_runs(daemon: Any) 
     assert c.wait(c.submit_python("effectd_test_effects:add", [1, 2]), timeout=30).result == 3
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_blocking_python_effect_is_not_a_hang_and_cancel_replaces_worker(daemon_factory: Any) -> None:
     d = daemon_factory("--heartbeat", "0.2")
     c = d.client()
@@ -75,7 +75,7 @@ def test_blocking_python_effect_is_not_a_hang_and_cancel_replaces_worker(daemon_
     assert c.wait(c.submit_python("effectd_test_effects:add", [2, 2]), timeout=30).result == 4
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_python_timeout_replaces_worker(daemon: Any) -> None:
     c = daemon.client()
     rec = c.wait(c.submit_python("effectd_test_effects:block_forever", timeout=0.5), timeout=30)
@@ -83,7 +83,7 @@ def test_python_timeout_replaces_worker(daemon: Any) -> None:
     assert c.wait(c.submit_python("effectd_test_effects:add", [3, 3]), timeout=30).result == 6
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_worker_leaking_past_max_rss_is_recycled(daemon_factory: Any) -> None:
     d = daemon_factory("--max-worker-rss", str(120 * 1024 * 1024))
     c = d.client()
@@ -94,7 +94,7 @@ def test_worker_leaking_past_max_rss_is_recycled(daemon_factory: Any) -> None:
     assert c.wait(c.submit_python("effectd_test_effects:add", [1, 1]), timeout=30).result == 2
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_cancel_kills_setsid_and_double_forked_descendants(daemon: Any) -> None:
     c = daemon.client()
     script = ("setsid sh -c 'echo $$; exec sleep 300' & "
@@ -111,7 +111,7 @@ def test_cancel_kills_setsid_and_double_forked_descendants(daemon: Any) -> None:
     assert not [i for i in idents if is_alive(i)]
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_sigterm_ignoring_effect_is_killed_after_grace(daemon: Any) -> None:
     c = daemon.client()
     eid = c.submit_shell("trap '' TERM; echo $$; while :; do sleep 0.1; done")
@@ -123,7 +123,7 @@ def test_sigterm_ignoring_effect_is_killed_after_grace(daemon: Any) -> None:
     assert not is_alive(ident)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_cpu_rlimit_gives_clear_reason(client: Any) -> None:
     rec = client.wait(client.submit_shell("while :; do :; done", rlimits={"cpu": 1}), timeout=30)
     assert rec.state is EffectState.FAILED
@@ -132,6 +132,7 @@ def test_cpu_rlimit_gives_clear_reason(client: Any) -> None:
     assert client.output(rec.id).strip() == b"64"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_crash_loop_is_reported_and_daemon_keeps_serving(daemon: Any) -> None:
     c = daemon.client()
@@ -143,7 +144,7 @@ def test_crash_loop_is_reported_and_daemon_keeps_serving(daemon: Any) -> None:
     assert c.wait(c.submit_python("effectd_test_effects:add", [5, 5]), timeout=60).result == 10
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 def test_files_and_sockets_are_private(daemon: Any) -> None:
     c = daemon.client()
     c.wait(c.submit_shell("echo secret"))
@@ -156,7 +157,6 @@ def test_files_and_sockets_are_private(daemon: Any) -> None:
         assert mode & 0o077 == 0, (f, oct(mode))
 
 
-@pytest.mark.timeout(30)
 def test_world_writable_runtime_dir_is_refused(daemon_factory: Any) -> None:
     d = daemon_factory(start=False)
     d.runtime.mkdir(parents=True)
@@ -167,7 +167,7 @@ def test_world_writable_runtime_dir_is_refused(daemon_factory: Any) -> None:
     assert "writable by group or others" in d.log()
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_pool_grows_for_python_effects_and_idle_workers_retire(daemon_factory: Any) -> None:
     d = daemon_factory("--min-workers", "1", "--max-workers", "3", "--worker-idle-timeout", "0.5")
     c = d.client()
@@ -179,7 +179,7 @@ def test_pool_grows_for_python_effects_and_idle_workers_retire(daemon_factory: A
     wait_until(lambda: len(c.hello()["workers"]) == 1, timeout=20, what="idle workers retired to --min-workers")
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_worker_recycled_after_max_effects(daemon_factory: Any) -> None:
     d = daemon_factory("--max-effects-per-worker", "2", "--max-workers", "1")
     c = d.client()
@@ -190,7 +190,6 @@ def test_worker_recycled_after_max_effects(daemon_factory: Any) -> None:
     assert len(pids) >= 2  # a fresh worker took over after two effects
 
 
-@pytest.mark.timeout(30)
 def test_corrupt_journal_stops_the_daemon_with_a_clear_message(daemon_factory: Any) -> None:
     d = daemon_factory(start=False)
     d.state.mkdir(mode=0o700, parents=True)

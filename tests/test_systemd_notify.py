@@ -51,7 +51,7 @@ def _run_notify_scenario(daemon_factory: Any, address: str, bind_to: str | bytes
         sock.close()
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_notify_ready_watchdog_status_stopping_path_socket(daemon_factory: Any) -> None:
     path = f"/tmp/ed-notify-{os.getpid()}-{time.monotonic_ns()}.sock"
     try:
@@ -64,7 +64,7 @@ def test_notify_ready_watchdog_status_stopping_path_socket(daemon_factory: Any) 
     assert any("STATUS=" in m and "running" in m for m in msgs)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_notify_abstract_socket(daemon_factory: Any) -> None:
     name = f"effectd-test-{os.getpid()}-{time.monotonic_ns()}"
     msgs = _run_notify_scenario(daemon_factory, "@" + name, "\0" + name)
@@ -72,7 +72,7 @@ def test_notify_abstract_socket(daemon_factory: Any) -> None:
     assert any("STOPPING=1" in m for m in msgs)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_workers_do_not_inherit_notify_socket(daemon_factory: Any) -> None:
     name = f"effectd-test-{os.getpid()}-{time.monotonic_ns()}"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -78,7 +78,6 @@ def recv_ready(router: zmq.Socket[bytes], timeout: float) -> bytes:
     return frames[0]
 
 
-@pytest.mark.timeout(60)
 def test_symlinked_runtime_dir_is_refused_and_swapping_it_runs_nothing(
         other_user: pwd.struct_passwd, sticky_tmp: Path, daemon_factory: Any) -> None:
     """The attack: the attacker pre-creates our runtime path as a symlink to a dir of ours (so
@@ -144,7 +143,7 @@ def test_fallback_runtime_dir_honours_tmpdir_and_refuses_a_symlink(
     assert not state.exists() and not list(target.iterdir())  # refused before starting anything
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.slow
 def test_worker_runs_only_assignments_macd_with_its_daemons_secret(tmp_path: Path) -> None:
     """A fake daemon (any process without the secret) binds the worker endpoint: a real worker
     connects to it but executes nothing it sends without a valid MAC."""
@@ -192,7 +191,7 @@ def test_worker_runs_only_assignments_macd_with_its_daemons_secret(tmp_path: Pat
         shutil.rmtree(runtime, ignore_errors=True)
 
 
-@pytest.mark.timeout(40)
+@pytest.mark.slow
 def test_surviving_worker_never_reconnects_through_a_swapped_runtime_dir(daemon_factory: Any) -> None:
     """The daemon crashed (its workers survive and keep reconnecting) and its runtime dir is
     replaced by a symlink to a dir holding a fake ``workers.sock``: the worker's reconnects -
@@ -216,7 +215,7 @@ def test_surviving_worker_never_reconnects_through_a_swapped_runtime_dir(daemon_
         worker.kill()
 
 
-@pytest.mark.timeout(40)
+@pytest.mark.slow
 def test_worker_key_is_private_kept_across_restarts_and_not_inherited_by_effects(daemon: DaemonHandle) -> None:
     key_file = daemon.state / "worker.key"
     key = key_file.read_bytes()
@@ -242,7 +241,7 @@ def test_worker_key_is_private_kept_across_restarts_and_not_inherited_by_effects
     assert "without a valid MAC" not in daemon.log()
 
 
-@pytest.mark.timeout(40)
+@pytest.mark.slow
 def test_daemon_stops_cleanly_when_its_vanished_runtime_dir_comes_back_as_a_symlink(daemon_factory: Any) -> None:
     d: DaemonHandle = daemon_factory("--kill-grace", "1")
     c = d.client()
