@@ -13,7 +13,7 @@ import pytest
 from effectd.client import core
 from effectd.client.follow import Follower, follow
 from effectd.client.transport import check_reply
-from effectd.ipc import codec
+from effectd.ipc import codec, records
 from effectd.ipc.errors import Busy, EffectdError, InvalidState
 
 DATA = bytes(range(48, 48 + 64))
@@ -69,7 +69,8 @@ class FakeDaemon:
         data = DATA[a["offset"]:end]
         return {"ok": True, "id": "e", "stream": a["stream"], "offset": a["offset"], "data": data,
                 "next_offset": a["offset"] + len(data), "size": self.visible if a["stream"] == "stdout" else 0,
-                "state": "succeeded" if self.final else "running", "eof": self.final and end == self.visible}
+                "state": "succeeded" if self.final else "running", "final": self.final,
+                "eof": self.final and end == self.visible}
 
 
 def drive(ops: core.Ops[Any], fake: FakeDaemon, max_steps: int = 10_000) -> Iterator[Any]:
@@ -172,3 +173,19 @@ def test_protocol_logic_lives_only_in_the_core() -> None:
         used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
         used |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
         assert not used & core_only, f"{name} uses {sorted(used & core_only)}"
+
+
+def test_replies_are_decoded_into_their_declared_types() -> None:
+    """The client reads each reply through the op's declaration in ipc/records.py (the one the
+    daemon encodes with): a reply that does not match it is a protocol error, not a KeyError."""
+    reply = core.checked("submit", {"ok": True, "v": 1, "rid": "1", "id": "E", "state": "queued"})
+    assert isinstance(reply, records.SubmitReply) and reply.id == "E"
+    waited = core.checked("wait", {"ok": True, "effects": [{"id": "E", "state": "queued"}], "done": [],
+                                   "timed_out": True})
+    assert isinstance(waited, records.WaitReply) and waited.timed_out and waited.effects == [{"id": "E",
+                                                                                           "state": "queued"}]
+    for op, bad in (("submit", {"ok": True, "ids": ["E"]}), ("wait", {"ok": True, "effects": "E", "done": [],
+                                                                     "timed_out": False}),
+                    ("read_output", {"ok": True, "id": "E", "data": "not bytes"})):
+        with pytest.raises(EffectdError, match="does not match the protocol"):
+            core.checked(op, bad)

@@ -21,9 +21,12 @@ from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+import msgspec
+
 from effectd.client.records import EffectRecord, OutputSlice
+from effectd.ipc import records as r
 from effectd.ipc import request_args as ra
-from effectd.ipc.errors import Busy, DaemonUnavailable, UnsafeDirectory
+from effectd.ipc.errors import Busy, DaemonUnavailable, EffectdError, UnsafeDirectory
 from effectd.ipc.schema import OP_OF_ARGS, EffectState
 
 T = TypeVar("T")
@@ -139,14 +142,33 @@ def call(op: str, args: Mapping[str, Any] | None = None, *, extra_time: float = 
     return reply
 
 
-def request(args: ra.Args, *, extra_time: float = 0.0) -> Ops[dict[str, Any]]:
+def request_map(args: ra.Args, *, extra_time: float = 0.0) -> Ops[dict[str, Any]]:
     """One request built from its op's declared arguments struct (ipc/request_args.py), so a
-    misspelt or mistyped field is a type error here, not a ``bad_request`` from the daemon."""
-    return (yield from call(OP_OF_ARGS[type(args)], ra.wire_args(args), extra_time=extra_time))
+    misspelt or mistyped field is a type error here, not a ``bad_request`` from the daemon; its
+    reply is checked against the op's declared reply (ipc/records.py) and returned as the map."""
+    op = OP_OF_ARGS[type(args)]
+    reply = yield from call(op, ra.wire_args(args), extra_time=extra_time)
+    checked(op, reply)
+    return reply
 
 
-def records(reply: Mapping[str, Any]) -> builtins.list[EffectRecord]:
-    return [EffectRecord.from_wire(r) for r in reply["effects"]]
+def request(args: ra.Args, *, extra_time: float = 0.0) -> Ops[r.Reply]:
+    """As :func:`request_map`, the reply decoded into its declared type."""
+    op = OP_OF_ARGS[type(args)]
+    return checked(op, (yield from call(op, ra.wire_args(args), extra_time=extra_time)))
+
+
+def checked(op: str, reply: dict[str, Any]) -> r.Reply:
+    """The reply of ``op`` as its declared type; a reply that does not match the declaration
+    (a daemon speaking another protocol) is an error, never a KeyError later."""
+    try:
+        return r.decode_reply(op, reply)
+    except msgspec.ValidationError as exc:
+        raise EffectdError(f"the daemon's {op!r} reply does not match the protocol: {exc}") from None
+
+
+def records(effects: Sequence[Mapping[str, Any]]) -> builtins.list[EffectRecord]:
+    return [EffectRecord.from_wire(rec) for rec in effects]
 
 
 def new_request_key() -> str:
@@ -167,23 +189,27 @@ def probe() -> Ops[bool]:
 
 
 def hello(client: str) -> Ops[dict[str, Any]]:
-    return (yield from request(ra.HelloArgs(client=client)))
+    return (yield from request_map(ra.HelloArgs(client=client)))
 
 
 def submit(effect: Mapping[str, Any], request_key: str | None) -> Ops[str]:
     reply = yield from request(ra.SubmitArgs(effect=dict(effect), request_key=request_key or new_request_key()))
-    return str(reply["id"])
+    assert isinstance(reply, r.SubmitReply)
+    return reply.id
 
 
 def submit_many(effects: Sequence[Mapping[str, Any]], request_key: str | None) -> Ops[builtins.list[str]]:
     reply = yield from request(ra.SubmitManyArgs(effects=[dict(e) for e in effects],
                                                  request_key=request_key or new_request_key()),
                                extra_time=len(effects) * BATCH_SECONDS_PER_EFFECT)
-    return list(reply["ids"])
+    assert isinstance(reply, r.SubmitManyReply)
+    return reply.ids
 
 
 def status_many(ids: Sequence[str]) -> Ops[builtins.list[EffectRecord]]:
-    return records((yield from request(ra.StatusArgs(ids=list(ids)))))
+    reply = yield from request(ra.StatusArgs(ids=list(ids)))
+    assert isinstance(reply, r.StatusReply)
+    return records(reply.effects)
 
 
 def status(effect_id: str) -> Ops[EffectRecord]:
@@ -197,8 +223,9 @@ def list_effects(states: Sequence[str] | None, labels: Mapping[str, str] | None,
         reply = yield from request(ra.ListArgs(states=list(states) if states else None,
                                                labels=dict(labels) if labels else None, name=name,
                                                limit=limit - len(out), before=before))
-        out += records(reply)
-        if not reply.get("truncated") or not reply["effects"] or len(out) >= limit:
+        assert isinstance(reply, r.ListReply)
+        out += records(reply.effects)
+        if not reply.truncated or not reply.effects or len(out) >= limit:
             return out
         before = out[-1].id
 
@@ -211,8 +238,9 @@ def wait(ids: builtins.list[str], timeout: float | None,
         left = WAIT_SLICE if deadline is None else max(0.0, min(WAIT_SLICE, deadline - time.monotonic()))
         reply = yield from request(ra.WaitArgs(ids=ids, timeout=left, return_when="first" if first else "all"),
                                    extra_time=left)
-        if not reply["timed_out"] or (deadline is not None and time.monotonic() >= deadline):
-            return records(reply), bool(reply["timed_out"])
+        assert isinstance(reply, r.WaitReply)
+        if not reply.timed_out or (deadline is not None and time.monotonic() >= deadline):
+            return records(reply.effects), reply.timed_out
 
 
 def wait_many(ids: Sequence[str], timeout: float | None, return_when: str) -> Ops[builtins.list[EffectRecord]]:
@@ -230,7 +258,7 @@ def as_completed(ids: Sequence[str], timeout: float | None) -> Ops[None]:
     while pending:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         found, timed_out = yield from wait(pending, left, first=True)
-        done = sorted((r for r in found if r.final), key=lambda r: (r.finished_at or 0, r.id))
+        done = sorted((rec for rec in found if rec.final), key=lambda rec: (rec.finished_at or 0, rec.id))
         if not done and timed_out:
             raise TimeoutError(f"{len(pending)} effect(s) not finished within {timeout}s")
         for rec in done:
@@ -239,13 +267,13 @@ def as_completed(ids: Sequence[str], timeout: float | None) -> Ops[None]:
 
 
 def result(effect_id: str) -> Ops[EffectRecord]:
-    reply = yield from request(ra.ResultArgs(id=effect_id))
+    reply = yield from request_map(ra.ResultArgs(id=effect_id))
     rec = yield from status(effect_id)
     return rec if rec.final else EffectRecord.from_wire({**rec.to_json(), **reply})
 
 
 def cancel(ids: Sequence[str], reason: str | None) -> Ops[builtins.list[dict[str, Any]]]:
-    return list((yield from request(ra.CancelArgs(ids=list(ids), reason=reason)))["effects"])
+    return list((yield from request_map(ra.CancelArgs(ids=list(ids), reason=reason)))["effects"])
 
 
 def busy_backoff() -> Iterator[float]:
@@ -270,15 +298,16 @@ def read_output(effect_id: str, stream: str, offset: int, max_bytes: int | None)
     args["max_bytes"] = max_bytes  # None: left out, the daemon's default applies (as it always did)
     while True:
         try:
-            r = yield from call(OP_OF_ARGS[ra.ReadOutputArgs], args)
+            reply = checked("read_output", (yield from call(OP_OF_ARGS[ra.ReadOutputArgs], args)))
             break
         except Busy:
             delay = next(delays, None)
             if delay is None:
                 raise
             yield Sleep(delay)
-    return OutputSlice(r["id"], r["stream"], r["offset"], bytes(r["data"]), r["next_offset"], r["size"],
-                       EffectState(r["state"]), bool(r["eof"]))
+    assert isinstance(reply, r.ReadOutputReply)
+    return OutputSlice(reply.id, reply.stream, reply.offset, reply.data, reply.next_offset, reply.size,
+                       EffectState(reply.state), reply.eof)
 
 
 def output(effect_id: str, stream: str) -> Ops[bytes]:
@@ -297,13 +326,15 @@ def set_group_limit(name: str, parallel: int | None) -> Ops[None]:
 
 
 def groups() -> Ops[builtins.list[dict[str, Any]]]:
-    return list((yield from request(ra.GroupsArgs()))["groups"])
+    return list((yield from request_map(ra.GroupsArgs()))["groups"])
 
 
 def gc(retain_days: float | None, retain_count: int | None, retain_bytes: int | None) -> Ops[dict[str, Any]]:
     reply = yield from request(ra.GcArgs(retain_days=retain_days, retain_count=retain_count,
                                          retain_bytes=retain_bytes))
-    return {k: reply[k] for k in ("removed", "freed_bytes", "kept", "kept_bytes")}
+    assert isinstance(reply, r.GcReply)
+    return {"removed": reply.removed, "freed_bytes": reply.freed_bytes, "kept": reply.kept,
+            "kept_bytes": reply.kept_bytes}
 
 
 def shutdown(drain: bool) -> Ops[None]:

@@ -207,10 +207,10 @@ class RequestHandlers:
         checked = [check_effect_spec(spec, f"effects[{i}].") for i, spec in enumerate(specs)]
         return r.SubmitManyReply(ids=self._submit(checked, req.args.request_key))
 
-    def op_status(self, ident: bytes, req: Request[ra.StatusArgs]) -> r.StatusReply:
+    def op_status(self, ident: bytes, req: Request[ra.StatusArgs]) -> r.StatusReply[r.PackedRecord]:
         return r.StatusReply(effects=self.packed_records(req.args.ids)[0])
 
-    def op_list(self, ident: bytes, req: Request[ra.ListArgs]) -> r.ListReply:
+    def op_list(self, ident: bytes, req: Request[ra.ListArgs]) -> r.ListReply[r.PackedRecord]:
         """A page ends at ``limit`` records or at the reply budget (``truncated``), whichever
         comes first; the client continues with ``before`` = the last id it got."""
         a = req.args
@@ -235,12 +235,12 @@ class RequestHandlers:
         finals = [self.state_of(i) in FINAL_STATES for i in ids]
         return any(finals) if first else all(finals)
 
-    def wait_reply(self, ids: list[str], timed_out: bool) -> r.WaitReply:
+    def wait_reply(self, ids: list[str], timed_out: bool) -> r.WaitReply[r.PackedRecord]:
         # The same records as status/list (protocol.md §7.1); the reply budget bounds their size.
         recs, done = self.packed_records(ids)
         return r.WaitReply(effects=recs, done=done, timed_out=timed_out)
 
-    def op_wait(self, ident: bytes, req: Request[ra.WaitArgs]) -> r.WaitReply | None:
+    def op_wait(self, ident: bytes, req: Request[ra.WaitArgs]) -> r.WaitReply[r.PackedRecord] | None:
         ids = list(dict.fromkeys(req.args.ids))
         self.check_exist(ids)  # NotFound before parking
         first = req.args.return_when == "first"

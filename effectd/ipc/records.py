@@ -7,7 +7,7 @@ order on the wire. tests/test_protocol_doc.py checks protocol.md's tables agains
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
@@ -186,17 +186,22 @@ class SubmitManyReply(Reply, kw_only=True):
     ids: list[str]
 
 
-class StatusReply(Reply, kw_only=True):
-    effects: list[PackedRecord]
+R = TypeVar("R")
+"""The type of a reply's records: ``msgspec.Raw`` where the daemon builds the reply (records
+pre-encoded), the decoded record map where a client reads it."""
 
 
-class ListReply(Reply, kw_only=True):
-    effects: list[PackedRecord]
+class StatusReply(Reply, Generic[R], kw_only=True):
+    effects: list[R]
+
+
+class ListReply(Reply, Generic[R], kw_only=True):
+    effects: list[R]
     truncated: bool
 
 
-class WaitReply(Reply, kw_only=True):
-    effects: list[PackedRecord]
+class WaitReply(Reply, Generic[R], kw_only=True):
+    effects: list[R]
     done: list[str]
     timed_out: bool
 
@@ -272,6 +277,20 @@ REPLIES: dict[str, type[Reply]] = {
     "shutdown": ShutdownReply,
 }
 """The reply of every op (tests check it against schema.OPS and protocol.md)."""
+
+WireRecord = dict[str, Any]
+"""A record as a client first decodes it (``EffectRecord.from_wire`` then reads it: nil means absent)."""
+
+CLIENT_REPLIES: dict[str, type[Reply]] = {
+    **REPLIES, "status": StatusReply[WireRecord], "list": ListReply[WireRecord], "wait": WaitReply[WireRecord],
+}
+"""The same declarations as a client decodes them: the records of status/list/wait as maps."""
+
+
+def decode_reply(op: str, reply: dict[str, Any]) -> Reply:
+    """A client's typed view of an ``ok`` reply map of ``op``, checked against its declaration.
+    Raises ``msgspec.ValidationError`` for a reply that does not match it."""
+    return msgspec.convert(reply, CLIENT_REPLIES[op])
 
 _encoder = msgspec.msgpack.Encoder()
 
