@@ -48,6 +48,21 @@ def _short_tmp() -> Path:
     return path
 
 
+def daemons_using(option: str, env_var: str, directory: Path) -> list[psutil.Process]:
+    """Live effectd daemons whose ``option`` (e.g. ``--runtime-dir``), or else ``env_var`` in
+    their environment, names ``directory``."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            cmd = p.info.get("cmdline") or []
+            if "effectd.daemon.main" not in cmd or p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            used = cmd[cmd.index(option) + 1] if option in cmd else p.environ().get(env_var, "")
+            if used == str(directory):
+                found.append(p)
+    return found
+
+
 @dataclass
 class DaemonHandle:
     root: Path
@@ -130,19 +145,7 @@ class DaemonHandle:
     def daemon_processes(self) -> list[psutil.Process]:
         """Live effectd daemons whose runtime dir is this handle's (by argument or environment),
         whoever started them: the fixture, the test, or a client's autostart."""
-        found = []
-        for p in psutil.process_iter(["cmdline"]):
-            with contextlib.suppress(psutil.Error):
-                cmd = p.info.get("cmdline") or []
-                if "effectd.daemon.main" not in cmd or p.status() == psutil.STATUS_ZOMBIE:
-                    continue
-                if "--runtime-dir" in cmd:
-                    runtime = cmd[cmd.index("--runtime-dir") + 1]
-                else:
-                    runtime = p.environ().get("EFFECTD_RUNTIME_DIR", "")
-                if runtime == str(self.runtime):
-                    found.append(p)
-        return found
+        return daemons_using("--runtime-dir", "EFFECTD_RUNTIME_DIR", self.runtime)
 
     def worker_processes(self) -> list[psutil.Process]:
         out = []

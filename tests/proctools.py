@@ -53,8 +53,9 @@ def is_subreaper() -> bool:
     return int(rc) == 0 and flag.value != 0
 
 
-def _wait_pidfds(pids: Iterable[int], timeout: float) -> None:
-    """Wait until one of ``pids`` exits or ``timeout`` passes, without reaping."""
+def wait_any(pids: Iterable[int], timeout: float) -> None:
+    """Wait until one of ``pids`` exits or ``timeout`` passes, without reaping (a pidfd each);
+    returns at once if one is gone already."""
     fds: list[int] = []
     try:
         poller = select.poll()
@@ -65,8 +66,7 @@ def _wait_pidfds(pids: Iterable[int], timeout: float) -> None:
                 return  # gone already (or no pidfd support): re-scan now
             fds.append(fd)
             poller.register(fd, select.POLLIN)
-        if fds:
-            poller.poll(max(0, int(timeout * 1000)))
+        poller.poll(max(0, int(timeout * 1000)))
     finally:
         for fd in fds:
             os.close(fd)
@@ -100,6 +100,6 @@ def kill_tree(
         if deadline is not None and now < deadline:
             slice_ = min(slice_, deadline - now)
         if hasattr(os, "pidfd_open"):
-            _wait_pidfds((p.pid for p in tk.survivors), max(slice_, 0.001))
+            wait_any((p.pid for p in tk.survivors), max(slice_, 0.001))
         else:  # pragma: no cover - no pidfds: bounded back-off before re-scanning
             time.sleep(max(slice_, 0.001))

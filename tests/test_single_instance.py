@@ -23,26 +23,14 @@ import psutil
 import pytest
 
 from effectd.client import Client, EffectState
-from tests.conftest import DaemonHandle, wait_until
+from tests.conftest import DaemonHandle, daemons_using, wait_until
 
 EXIT_ALREADY_RUNNING = 75
 
 
 def daemons_on(state: Path) -> list[psutil.Process]:
     """Live effectd daemons using ``state`` (by argument or environment)."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            cmd = p.info.get("cmdline") or []
-            if "effectd.daemon.main" not in cmd or p.status() == psutil.STATUS_ZOMBIE:
-                continue
-            if "--state-dir" in cmd:
-                used = cmd[cmd.index("--state-dir") + 1]
-            else:
-                used = p.environ().get("EFFECTD_STATE_DIR", "")
-            if used == str(state):
-                found.append(p)
-    return found
+    return daemons_using("--state-dir", "EFFECTD_STATE_DIR", state)
 
 
 def stop_extra_daemons(state: Path, keep: int) -> list[int]:

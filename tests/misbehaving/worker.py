@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import subprocess
 import sys
 import time
@@ -28,24 +27,6 @@ popens: dict[int, subprocess.Popen[bytes]] = {}
 def protected() -> set[int]:
     """Pids whose exit status we still want from their Popen objects."""
     return {pid for pid, p in popens.items() if p.returncode is None}
-
-
-def wait_any(pids: list[int], timeout: float) -> None:
-    """Event-loop tick: wake when one of pids exits (pidfd) or after timeout."""
-    fds = []
-    try:
-        poller = select.poll()
-        for pid in pids:
-            try:
-                fd = os.pidfd_open(pid)
-            except OSError:
-                return
-            fds.append(fd)
-            poller.register(fd, select.POLLIN)
-        poller.poll(int(timeout * 1000))
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
 def ident(raw: list[Any] | None) -> pt.ProcessIdentity | None:
@@ -83,7 +64,7 @@ def handle(req: dict[str, Any]) -> dict[str, Any]:
                 polls_before_deadline.append(done)
             if done or time.monotonic() - t0 > req.get("timeout", 10.0):
                 break
-            wait_any([p.pid for p in tk.survivors], 0.05)
+            proctools.wait_any([p.pid for p in tk.survivors], 0.05)
         # Once the kill is done every process of the tree is a zombie (or gone, and orphans
         # were re-parented to us before their parents died): collect ours, as the real worker does.
         pt.reap_orphan_zombies(protected())
