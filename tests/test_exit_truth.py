@@ -24,7 +24,7 @@ from effectd.daemon.ids import UlidGenerator
 from effectd.daemon.kinds.shell import EXIT_STATUS_UNKNOWN, ShellRun
 from effectd.daemon.output import OutputWriter
 from effectd.daemon.proctree import TreeKill, collect_exit_status
-from effectd.ipc.schema import check_finish
+from effectd.ipc import messages
 from tests.conftest import DaemonHandle, wait_until
 from tests.proctools import kill_tree
 
@@ -94,7 +94,7 @@ def test_unknowable_exit_status_is_lost_never_success(tmp_path: Path) -> None:
     report = _tick_until_done(run)
     assert (report["state"], report["reason"]) == ("lost", EXIT_STATUS_UNKNOWN)
     assert report.get("exit_code") is None
-    assert check_finish(report)["state"] == "lost"
+    assert messages.check_report(report, messages.Finished).state == "lost"
 
 
 def test_collect_exit_status_reaps_only_its_pid(tmp_path: Path) -> None:

@@ -123,7 +123,7 @@ def test_worker_messages_round_trip_and_refuse_bad_values() -> None:
     with pytest.raises(TooLarge):
         messages.decode_worker_message(b"\x80" * 11, max_bytes=10)
     report = {"id": EID, "attempt": 1, "state": "lost", "reason": "exit_status_unknown"}
-    assert messages.check_finish(report)["state"] == "lost"
+    assert messages.check_report(report, messages.Finished).state == "lost"
 
 
 WIRE_INTS = st.integers(min_value=-(2**63), max_value=2**64 - 1)

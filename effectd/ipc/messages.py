@@ -72,7 +72,7 @@ class Ready(WorkerMessage, tag="ready"):
     worker: Annotated[str, msgspec.Meta(max_length=64)]
     pid: int
     slots: Annotated[int, msgspec.Meta(ge=1)]
-    # Checked one by one (check_running / check_finish): one bad report must not void the rest.
+    # Checked one by one (check_report): one bad report must not void the rest.
     running: list[dict[str, Any]] | None = None
     finished: list[dict[str, Any]] | None = None
     effects_done: int = 0
@@ -226,9 +226,3 @@ def check_report(report: Any, cls: type[Finished] | type[RunningReport]) -> Any:
         return msgspec.convert({k: v for k, v in report.items() if k != "t"}, cls)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"bad report: {exc}") from exc
-
-
-def check_finish(report: Any) -> dict[str, Any]:
-    """One completion report, checked, as a map (every field present)."""
-    out: dict[str, Any] = msgspec.structs.asdict(check_report(report, Finished))
-    return out

@@ -21,7 +21,6 @@ import msgspec
 
 from effectd.ipc import request_args as ra
 from effectd.ipc.errors import BadRequest, UnknownOp, UnsupportedVersion
-from effectd.ipc.messages import check_finish as check_finish  # re-export: tests/test_exit_truth.py imports it here
 from effectd.ipc.request_args import DEFAULT_READ_BYTES as DEFAULT_READ_BYTES  # the read_output default
 from effectd.ipc.request_args import Request as Request  # re-export: the daemon imports it from here
 
