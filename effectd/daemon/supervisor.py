@@ -117,7 +117,9 @@ class Supervisor:
             eff.cancel_requested = reason
             self.journal.put_effect(eff.to_record(), "cancel_requested", {"reason": reason})
             if eff.id in self.adoption:  # no worker to ask (yet): cancelled by the kill itself
-                self.kill_then_conclude(eff, EffectState.CANCELLED, reason)
+                # The same outcome a worker's report of that cancel would have (a shutdown's is lost).
+                state, why = reported_outcome(EffectState.CANCELLED, reason, eff.cancel_requested)
+                self.kill_then_conclude(eff, state, why or reason)
             elif eff.worker:
                 self.outbox.to_worker(eff.worker, messages.Cancel(id=eff.id, reason=reason), durable=False)
 
